@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models built in the test run (no downloads) and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process training run gets a fresh Accelerator state."""
+    yield
+    try:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    except Exception:
+        pass
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from alignkit.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    from alignkit.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def memorisation_records(n: int = 16, seed: int = 0) -> list[dict]:
+    """Short question/answer chats with a fixed answer per question: learnable in a few steps."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "bird", "tree", "mat", "log", "red", "blue"]
+    recs = []
+    for i in range(n):
+        q = f"what is {words[i % len(words)]} {i}"
+        a = " ".join(rng.choice(words) for _ in range(4))
+        recs.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return recs
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in memorisation_records()) + "\n")
+    return path
