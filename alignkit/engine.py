@@ -123,8 +123,11 @@ def setup_accelerator(t: TrainingConfig):
 
     mixed_precision = resolve_mixed_precision(t.mixed_precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.cuda.is_available():
-        PartialState(backend="gloo")  # CPU processes: gloo, and before DeepSpeed picks its own
+    cpu_multi = world > 1 and not torch.cuda.is_available()
+    if cpu_multi:
+        # CPU processes: without cpu=True accelerate reports DistributedType.NO and nothing is synced;
+        # gloo must be chosen before DeepSpeed initialises its own backend
+        PartialState(cpu=True, backend="gloo")
     plugin = None
     if t.deepspeed:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
@@ -140,7 +143,11 @@ def setup_accelerator(t: TrainingConfig):
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         deepspeed_plugin=plugin,
+        cpu=cpu_multi and plugin is None,
     )
+    if world > 1 and accelerator.num_processes > 1 and accelerator.distributed_type.value == "NO":
+        raise TrainingError("accelerate did not initialise distributed training across "
+                            f"{world} processes; check the launcher environment (WORLD_SIZE, MASTER_ADDR).")
     set_seed(t.seed)
     return accelerator
 

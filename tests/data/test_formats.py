@@ -1,0 +1,217 @@
+"""Normalising every input format to the canonical record of each kind, and validation errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.data import REQUIRED_FIELDS, DataError, Row, normalize_record, normalize_rows
+
+
+def u(text):
+    return {"role": "user", "content": text}
+
+
+def a(text):
+    return {"role": "assistant", "content": text}
+
+
+def s(text):
+    return {"role": "system", "content": text}
+
+
+CHAT = [u("hi"), a("hello")]
+
+
+# ---- sft -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": CHAT, "id": 1}, {"messages": CHAT}),
+    ({"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "hi"},
+                        {"from": "gpt", "value": "hello"}]}, {"messages": [s("sys")] + CHAT}),
+    ({"instruction": "Add", "input": "1 and 2", "output": "3"}, {"messages": [u("Add\n\n1 and 2"), a("3")]}),
+    ({"instruction": "Add", "input": "", "output": "3"}, {"messages": [u("Add"), a("3")]}),
+    ({"prompt": [u("hi")], "completion": [a("hello")]}, {"messages": CHAT}),
+    ({"prompt": [u("hi")], "completion": "hello"}, {"messages": CHAT}),
+    ({"prompt": "2+2=", "completion": "4"}, {"prompt": "2+2=", "completion": "4"}),
+    ({"text": "the cat sat"}, {"text": "the cat sat"}),
+])
+def test_sft_formats(record, expected):
+    assert normalize_record(record, "sft") == [expected]
+
+
+def test_system_prompt_added_only_when_missing():
+    assert normalize_record({"messages": CHAT}, "sft", system_prompt="be brief") == [{"messages": [s("be brief")] + CHAT}]
+    own = [s("mine")] + CHAT
+    assert normalize_record({"messages": own}, "sft", system_prompt="be brief") == [{"messages": own}]
+    assert normalize_record({"text": "x y"}, "sft", system_prompt="be brief") == [{"text": "x y"}]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([u("a"), u("b"), a("c")], "turn 1 \\(after user\\) is 'user', expected 'assistant'"),
+    ([a("a"), u("b"), a("c")], "first turn after an optional system message is 'assistant'"),
+    ([u("a"), s("b"), a("c")], "a system message must come first"),
+    ([u("a"), {"role": "tool", "content": "b"}, a("c")], "role 'tool'"),
+    ([u("a"), a("b"), u("c")], "the last turn must be 'assistant', got 'user'"),
+    ([u("a"), a("  ")], "message 1 \\(assistant\\) has empty content"),
+    ([u("a"), {"role": "assistant"}], "has content of type NoneType"),
+    ([], "empty \\(no messages\\)"),
+])
+def test_bad_conversations(messages, message):
+    with pytest.raises(DataError, match=message) as e:
+        normalize_record({"messages": messages}, "sft")
+    assert e.value.field == "messages"
+
+
+def test_unknown_sharegpt_speaker():
+    with pytest.raises(DataError, match="from='tool'"):
+        normalize_record({"conversations": [{"from": "human", "value": "a"}, {"from": "tool", "value": "b"}]}, "sft")
+
+
+def test_missing_and_empty_fields():
+    with pytest.raises(DataError, match="field 'completion': missing") as e:
+        normalize_record({"prompt": "x"}, "sft", fmt="prompt_completion")
+    assert e.value.field == "completion"
+    with pytest.raises(DataError, match="field 'completion': empty"):
+        normalize_record({"prompt": "x", "completion": ""}, "sft")
+    with pytest.raises(DataError, match="field 'output': missing"):
+        normalize_record({"instruction": "x", "output": None}, "sft", fmt="alpaca")
+
+
+def test_wrong_shape_lists_what_the_kind_accepts():
+    with pytest.raises(DataError) as e:
+        normalize_record({"question": "x", "answer": "y"}, "sft")
+    msg = str(e.value)
+    assert "['answer', 'question']" in msg and "kind 'sft' accepts: messages (messages)" in msg
+    assert "prompt_completion (prompt, completion)" in msg and "columns:" in msg
+    # KTO data is not silently used for SFT (it would train on undesirable completions)
+    with pytest.raises(DataError, match="looks like format 'unpaired'"):
+        normalize_record({"prompt": "x", "completion": "y", "label": False}, "sft")
+    assert normalize_record({"prompt": "x", "completion": "y", "label": False}, "sft",
+                            fmt="prompt_completion") == [{"prompt": "x", "completion": "y"}]
+    assert ("prompt", "completion") in REQUIRED_FIELDS["sft"]
+
+
+# ---- preference ----------------------------------------------------------------------------------
+
+def test_preference_explicit_prompt():
+    rec = {"prompt": [u("q")], "chosen": [a("good")], "rejected": [a("bad")]}
+    assert normalize_record(rec, "preference") == [rec]
+    # strings as completions of a conversational prompt become assistant turns
+    assert normalize_record({"prompt": [u("q")], "chosen": "good", "rejected": "bad"}, "preference") == [rec]
+    # plain strings stay plain
+    plain = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    assert normalize_record(plain, "preference") == [plain]
+    # prompt repeated inside chosen/rejected is removed
+    assert normalize_record({"prompt": [u("q")], "chosen": [u("q"), a("good")], "rejected": [u("q"), a("bad")]},
+                            "preference") == [rec]
+
+
+def test_preference_implicit_prompt():
+    rec = {"chosen": [s("sys"), u("q1"), a("a1"), u("q2"), a("good")],
+           "rejected": [s("sys"), u("q1"), a("a1"), u("q2"), a("bad")]}
+    assert normalize_record(rec, "preference") == [
+        {"prompt": [s("sys"), u("q1"), a("a1"), u("q2")], "chosen": [a("good")], "rejected": [a("bad")]}]
+
+
+def test_preference_errors():
+    with pytest.raises(DataError, match="field 'prompt': chosen/rejected are plain strings and there is no prompt"):
+        normalize_record({"chosen": "q good", "rejected": "q bad"}, "preference")
+    with pytest.raises(DataError, match="share no leading prompt messages"):
+        normalize_record({"chosen": [u("x"), a("good")], "rejected": [u("y"), a("bad")]}, "preference")
+    with pytest.raises(DataError, match="field 'chosen': completion messages must be assistant turns"):
+        normalize_record({"prompt": [u("q")], "chosen": [a("x"), u("y")], "rejected": [a("z")]}, "preference")
+    with pytest.raises(DataError, match="kind 'preference' accepts: preference \\(chosen, rejected, \\[prompt\\]\\)"):
+        normalize_record({"messages": CHAT}, "preference")
+
+
+# ---- unpaired ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label, expected", [(True, True), (0, False), (1, True), ("false", False), ("TRUE", True)])
+def test_unpaired_labels(label, expected):
+    assert normalize_record({"prompt": "q", "completion": "c", "label": label}, "unpaired") == [
+        {"prompt": "q", "completion": "c", "label": expected}]
+
+
+def test_unpaired_bad_label_and_conversational():
+    with pytest.raises(DataError, match="field 'label': expected true/false"):
+        normalize_record({"prompt": "q", "completion": "c", "label": "maybe"}, "unpaired")
+    assert normalize_record({"prompt": [u("q")], "completion": [a("c")], "label": 1}, "unpaired") == [
+        {"prompt": [u("q")], "completion": [a("c")], "label": True}]
+
+
+def test_preference_pairs_become_two_unpaired_rows():
+    rows = [Row({"prompt": "q", "chosen": "good", "rejected": "bad"}, "f.jsonl", 1, "line")]
+    (group,) = normalize_rows(rows, "unpaired")
+    assert [r.data for r in group] == [{"prompt": "q", "completion": "good", "label": True},
+                                       {"prompt": "q", "completion": "bad", "label": False}]
+
+
+# ---- prompt --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record, expected", [
+    ({"prompt": [u("q")], "answer": "42"}, {"prompt": [u("q")], "answer": "42"}),
+    ({"prompt": "2+2=", "answer": "4"}, {"prompt": "2+2=", "answer": "4"}),
+    ({"messages": [u("q"), a("x")], "answer": "4"}, {"prompt": [u("q")], "answer": "4"}),
+    ({"messages": [u("q1"), a("x"), u("q2")]}, {"prompt": [u("q1"), a("x"), u("q2")]}),
+    ({"prompt": "2+2=", "completion": "4", "id": 3}, {"prompt": "2+2=", "id": 3}),
+    ({"instruction": "Add", "input": "1 2", "output": "3"}, {"prompt": [u("Add\n\n1 2")]}),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}]}, {"prompt": [u("q")]}),
+    ({"prompt": [u("q")], "chosen": [a("g")], "rejected": [a("b")]}, {"prompt": [u("q")]}),
+])
+def test_prompt_formats(record, expected):
+    assert normalize_record(record, "prompt") == [expected]
+
+
+def test_prompt_system_prompt_and_errors():
+    assert normalize_record({"prompt": [u("q")]}, "prompt", system_prompt="sys") == [{"prompt": [s("sys"), u("q")]}]
+    with pytest.raises(DataError, match="field 'prompt': the last turn must be 'user'"):
+        normalize_record({"prompt": [u("q"), a("x")]}, "prompt")
+
+
+# ---- scored --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record, expected", [
+    ({"text": "good film", "score": 1}, {"text": "good film", "score": 1.0}),
+    ({"text": "bad film", "label": "0.25"}, {"text": "bad film", "score": 0.25}),
+    ({"prompt": "review:", "completion": "great", "reward": -2}, {"prompt": "review:", "completion": "great",
+                                                                   "score": -2.0}),
+    ({"prompt": "q", "completion": "c", "label": True}, {"prompt": "q", "completion": "c", "score": 1.0}),
+    ({"messages": [u("q"), a("c")], "score": 0.5}, {"prompt": [u("q")], "completion": [a("c")], "score": 0.5}),
+])
+def test_scored_formats(record, expected):
+    assert normalize_record(record, "scored") == [expected]
+
+
+def test_scored_errors():
+    with pytest.raises(DataError, match="field 'score': missing: kind 'scored' needs a score column"):
+        normalize_record({"text": "x"}, "scored")
+    with pytest.raises(DataError, match="field 'score': expected a number"):
+        normalize_record({"text": "x", "score": "high"}, "scored")
+
+
+# ---- rows: locations and skip mode ---------------------------------------------------------------
+
+def test_errors_name_file_row_and_field():
+    rows = [Row({"messages": CHAT}, "chats.jsonl", 1, "line"), Row({"messages": [u("a"), u("b")]}, "chats.jsonl", 2,
+                                                                     "line")]
+    with pytest.raises(DataError) as e:
+        normalize_rows(rows, "sft")
+    assert str(e.value).startswith("chats.jsonl line 2, field 'messages': turn 1 (after user) is 'user'")
+    assert (e.value.source, e.value.row, e.value.field) == ("chats.jsonl", 2, "messages")
+
+
+def test_format_is_detected_per_source_so_missing_fields_are_named():
+    rows = [Row({"messages": CHAT}, "c.jsonl", 1, "line"), Row({"text": "oops"}, "c.jsonl", 2, "line")]
+    with pytest.raises(DataError, match="c.jsonl line 2, field 'messages': missing"):
+        normalize_rows(rows, "sft")
+
+
+def test_skip_mode_counts_and_logs(caplog):
+    rows = [Row({"messages": CHAT}, "c.jsonl", 1, "line"), Row({"messages": [a("x")]}, "c.jsonl", 2, "line"),
+            Row({"messages": [u("x"), a("")]}, "c.jsonl", 3, "line"), Row({"messages": CHAT}, "c.jsonl", 4, "line")]
+    skipped = []
+    with caplog.at_level("WARNING", logger="alignkit"):
+        groups = normalize_rows(rows, "sft", on_bad_row="skip", skipped=skipped)
+    assert [g[0].index for g in groups] == [1, 4]
+    assert [e.row for e in skipped] == [2, 3]
+    assert "c.jsonl line 2" in caplog.text and "c.jsonl line 3" in caplog.text

@@ -1,0 +1,71 @@
+"""Config: YAML + overrides, typed values, unknown keys with suggestions, docs, saved config."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from alignkit.config import ConfigError, build_config, describe, load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name_or_path": "some/model", "finetune": "lora"},
+        "data": {"train": ["a.jsonl", {"path": "b.jsonl", "ratio": 0.5, "columns": {"q": "prompt"}}]},
+        "training": {"learning_rate": 1e-4},
+    }))
+    cfg = load_config("sft", path, ["training.learning_rate=3e-5", "training.max_steps=7", "sft.packing=true",
+                                     "model.lora_target_modules=[q_proj, v_proj]"])
+    assert cfg.training.learning_rate == 3e-5 and cfg.training.max_steps == 7
+    assert cfg.method_args.packing is True
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert [s.path for s in cfg.data.train] == ["a.jsonl", "b.jsonl"]
+    assert cfg.data.train[1].ratio == 0.5 and cfg.data.train[1].columns == {"q": "prompt"}
+
+
+def test_bare_string_source_and_scientific_notation_string():
+    cfg = build_config("sft", {"data": {"train": "x.json"}, "training": {"learning_rate": "1e-5"}})
+    assert cfg.data.train[0].path == "x.json" and cfg.training.learning_rate == 1e-5
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"training": {"learnig_rate": 1e-5}}, "training.learnig_rate (did you mean 'learning_rate'?)"),
+    ({"trainig": {}}, "'trainig' (did you mean 'training'?)"),
+    ({"model": {"finetune": "lora2"}}, "did you mean 'lora'?"),
+    ({"training": {"max_steps": "ten"}}, "training.max_steps must be an integer"),
+    ({"training": {"per_device_batch_size": 0}}, "per_device_batch_size must be >= 1"),
+    ({"sft": {"pakcing": True}}, "did you mean 'packing'?"),
+    ({"training": {"deepspeed": "zero4"}}, "zero1, zero2, zero3"),
+    ({"data": {"train": [{"ratio": 2}]}}, "missing required key(s) path"),
+])
+def test_config_errors_name_the_key(raw, needle):
+    with pytest.raises(ConfigError) as e:
+        build_config("sft", raw)
+    assert needle in str(e.value)
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        build_config("sft", {}, ["learning_rate"])
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        build_config("sft", {}, ["training.max_step=3"])
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'sft'"):
+        build_config("sfft", {})
+
+
+def test_describe_lists_every_option_with_doc():
+    text = describe("sft")
+    for key in ("learning_rate: 2.0e-05", "finetune: full", "packing: false", "on_bad_row: error"):
+        assert key in text
+    assert "# Peak learning rate" in text
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = build_config("sft", {"training": {"max_steps": 3}, "data": {"train": ["a.jsonl"]}})
+    cfg.save(tmp_path / "c.yaml")
+    again = load_config("sft", tmp_path / "c.yaml")
+    assert again.to_dict() == cfg.to_dict()
