@@ -51,7 +51,7 @@ def _train(cfg, model=None, tok=None, rows=None):
 
 
 def test_sft_loss_falls(tmp_path):
-    res = _train(_cfg(tmp_path, max_steps=20))
+    _train(_cfg(tmp_path, max_steps=20))
     losses = _losses(tmp_path)
     assert losses[20] < 0.5 * losses[1]
     assert (tmp_path / "config.json").is_file() and (tmp_path / "alignkit_config.yaml").is_file()

@@ -15,6 +15,12 @@ from typing import Any
 # method name -> module that implements it
 METHOD_MODULES: dict[str, str] = {
     "sft": "alignkit.methods.sft",
+    "rm": "alignkit.methods.reward",
+    "dpo": "alignkit.methods.preference",
+    "simpo": "alignkit.methods.preference",
+    "cpo": "alignkit.methods.preference",
+    "orpo": "alignkit.methods.preference",
+    "kto": "alignkit.methods.kto",
 }
 
 
