@@ -82,6 +82,9 @@ def tiny_llama(tokenizer=None, hidden: int = 64, layers: int = 2, seed: int = 0)
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
+        # wider than the 0.02 default: with a frozen norm and LM head (LoRA), 0.02 caps logits near
+        # +-1.3 and an adapter cannot fit anything; real checkpoints have far larger head norms
+        initializer_range=0.1,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
