@@ -1,0 +1,524 @@
+"""Model and tokenizer loading shared by every method: full, LoRA and QLoRA fine-tuning; saving; merging.
+
+``name_or_path`` may be a named offline asset (``alignkit assets list``), a local HF folder, a ``.gguf``
+file (or a folder + ``gguf_file``), or a hub name. GGUF checkpoints are dequantized and rebuilt as plain
+models in memory, so what :func:`load_model` returns always saves with ``save_pretrained``.
+
+A reference model for LoRA runs is the same model with the adapter switched off
+(:func:`adapters_disabled`), not a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.config import ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+TASKS = {"causal_lm": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification"}
+PAD_TOKEN_ADDED = "<|pad|>"
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_SEQ_CLS_HEADS = ("score", "classifier")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``auto`` (bf16 where the GPU supports it, else fp32), float32/fp32, bfloat16/bf16, float16/fp16."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if key not in _DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not valid; choose one of: auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Where weights come from: asset, local folder, GGUF file, hub
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    path: str  # what from_pretrained gets: a folder or a hub name
+    gguf_file: str | None
+    name: str  # what we record as the model's name_or_path (portable: asset names stay names)
+    local: bool
+
+
+def _looks_like_local_path(s: str) -> bool:
+    return s.startswith(("/", "./", "../", "~", ".\\")) or s.count("/") > 1 or (len(s) > 1 and s[1] == ":")
+
+
+def _resolve_source(name_or_path: str, gguf_file: str | None, key: str) -> _Source:
+    from alignkit import assets
+
+    asset = assets.resolve_model(name_or_path)
+    if asset is not None:
+        if gguf_file:
+            raise ConfigError(f"{key}={name_or_path!r} is an asset (a converted HF folder): remove model.gguf_file.")
+        return _Source(str(asset), None, name_or_path, True)
+    path = Path(name_or_path).expanduser()
+    if name_or_path.lower().endswith(".gguf"):
+        if gguf_file:
+            raise ConfigError(f"{key}={name_or_path!r} is already a .gguf file: remove model.gguf_file.")
+        if not path.is_file():
+            raise ConfigError(f"{key}={name_or_path!r}: no such GGUF file.")
+        return _Source(str(path.parent), path.name, str(path.resolve()), True)
+    if path.is_dir():
+        if gguf_file and not (path / gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file={gguf_file!r}: not found in {path}.")
+        name = str((path / gguf_file).resolve()) if gguf_file else name_or_path
+        return _Source(str(path), gguf_file, name, True)
+    if _looks_like_local_path(name_or_path) or path.exists():
+        raise ConfigError(f"{key}={name_or_path!r}: no such folder (give an HF folder, a .gguf file, a hub "
+                          f"name or a model asset: {_model_assets()}).")
+    return _Source(name_or_path, gguf_file, name_or_path, False)
+
+
+def _model_assets() -> str:
+    from alignkit import assets
+
+    return ", ".join(n for n, spec in assets.ASSETS.items() if spec.kind == "model")
+
+
+def _from_pretrained(cls: Any, source: _Source, key: str, **kwargs: Any) -> Any:
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return cls.from_pretrained(source.path, **kwargs)
+    except OSError as e:
+        if source.local:
+            raise
+        import difflib
+
+        close = difflib.get_close_matches(source.path.lower(), _model_assets().split(", "), n=1, cutoff=0.5)
+        hint = f"Did you mean the asset {close[0]!r}? " if close else ""
+        raise OSError(
+            f"{key}={source.path!r}: not a local folder nor an asset, and loading it from the Hugging Face Hub "
+            f"failed: {e}\n{hint}Offline? Use a local folder or a model asset ({_model_assets()}); HF_HUB_OFFLINE=1 "
+            "skips the Hub retries."
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_chat_template(value: str) -> str:
+    if "{{" in value or "{%" in value:
+        template = value
+    else:
+        path = Path(value).expanduser()
+        packaged = Path(__file__).parent / "templates" / f"{value.removesuffix('.jinja')}.jinja"
+        if path.is_file():
+            template = path.read_text()
+        elif "/" not in value and packaged.is_file():
+            template = packaged.read_text()
+        else:
+            raise ConfigError(f"model.chat_template={value!r}: neither a Jinja template (no '{{{{' or '{{%') "
+                              "nor an existing file; give the template text or the path of a .jinja file.")
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"model.chat_template: not valid Jinja (line {e.lineno}): {e.message}") from e
+    return template
+
+
+def ensure_pad_token(tokenizer: Any) -> bool:
+    """Give ``tokenizer`` a pad token if it has none (eos, else unk, else a new "<|pad|>"); True if a token was added.
+
+    Many causal LMs ship without one (the Qwen2/Llama "no padding token is defined" error on batching).
+    Padding positions are masked out of every loss, so reusing eos is safe.
+    """
+    if tokenizer.pad_token is not None:
+        return False
+    for attr in ("eos_token", "unk_token"):
+        token = getattr(tokenizer, attr)
+        if token is not None:
+            tokenizer.pad_token = token
+            logger.warning("The tokenizer has no pad token: using its %s %r (id %d) as pad.",
+                           attr.removesuffix("_token"), token, tokenizer.pad_token_id)
+            return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN_ADDED})
+    logger.warning("The tokenizer has no pad, eos or unk token: added a new pad token %r (id %d); the model's "
+                   "embeddings are resized to match.", PAD_TOKEN_ADDED, tokenizer.pad_token_id)
+    return True
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of ``cfg.tokenizer`` (or the model's own), with pad token, chat template override, right padding."""
+    from transformers import AutoTokenizer
+
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    source = _resolve_source(cfg.tokenizer or cfg.name_or_path, None if cfg.tokenizer else cfg.gguf_file, key)
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision and not cfg.tokenizer:
+        kwargs["revision"] = cfg.revision
+    tokenizer = _from_pretrained(AutoTokenizer, source, key, **kwargs)
+    if cfg.chat_template:
+        tokenizer.chat_template = _read_chat_template(cfg.chat_template)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"  # training; generation code switches to left itself
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain_copy(loaded: Any, auto_cls: Any, dtype: torch.dtype, **from_config_kwargs: Any) -> Any:
+    """Rebuild a GGUF-loaded model as a plain one (a GGUF-quantized model refuses save_pretrained)."""
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = auto_cls.from_config(config, dtype=dtype, **from_config_kwargs)
+    result = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"GGUF conversion: weights do not match the architecture (missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}).")
+    model.generation_config = loaded.generation_config
+    return model.eval()
+
+
+def _load_gguf(auto_cls: Any, source: _Source, dtype: torch.dtype, **kwargs: Any) -> Any:
+    from_config_kwargs = {k: kwargs.pop(k) for k in ("attn_implementation", "trust_remote_code") if k in kwargs}
+    logger.info("Dequantizing GGUF %s/%s ...", source.path, source.gguf_file)
+    loaded = _from_pretrained(auto_cls, source, "model.name_or_path", dtype=torch.float32, **kwargs)
+    model = _plain_copy(loaded, auto_cls, dtype, **from_config_kwargs)
+    del loaded
+    return model
+
+
+def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
+    """Dequantize a causal-LM GGUF file into a plain HF folder (fp32 safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    source = _Source(str(gguf_path.parent), gguf_path.name, str(gguf_path), True)
+    tokenizer = _from_pretrained(AutoTokenizer, source, "gguf file")
+    model = _load_gguf(AutoModelForCausalLM, source, torch.float32)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def _bnb_config(dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        raise ImportError(f"model.finetune=qlora needs bitsandbytes: pip install alignkit[qlora] ({e}).") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # 4-bit weights packed in the run dtype: ZeRO-3 can shard them
+    )
+
+
+def _kbit_device_map() -> dict[str, Any] | None:
+    """Each process quantizes onto its own GPU; None on CPU and under ZeRO-3 (DeepSpeed places weights)."""
+    if not torch.cuda.is_available():
+        return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    index = local_rank if 0 <= local_rank < torch.cuda.device_count() else torch.cuda.current_device()
+    return {"": index}
+
+
+def _lora_config(cfg: ModelConfig, task: str, model: Any) -> Any:
+    from peft import LoraConfig, TaskType
+
+    targets = list(cfg.lora_target_modules)
+    if not targets:
+        raise ConfigError("model.lora_target_modules is empty; use ['all-linear'] or module names like q_proj.")
+    if "all-linear" in targets:
+        if len(targets) > 1:
+            raise ConfigError("model.lora_target_modules: 'all-linear' already means every linear layer; use it alone.")
+        target_modules: Any = "all-linear"
+    else:
+        target_modules = targets
+    modules_to_save = None
+    if task == "seq_cls":  # the new classification head must train in full
+        modules_to_save = [h for h in _SEQ_CLS_HEADS if isinstance(getattr(model, h, None), torch.nn.Module)][:1]
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target_modules,
+        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+        modules_to_save=modules_to_save or None,
+    )
+
+
+def _apply_lora(model: Any, cfg: ModelConfig, task: str) -> Any:
+    from peft import get_peft_model
+
+    lora_config = _lora_config(cfg, task, model)
+    try:
+        return get_peft_model(model, lora_config)
+    except ValueError as e:
+        if "not found" not in str(e).lower():
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"model.lora_target_modules={cfg.lora_target_modules}: {e}. Linear layers of this "
+                          f"model: {', '.join(names)} (or use 'all-linear').") from e
+
+
+def load_model(
+    cfg: ModelConfig,
+    tokenizer: Any,
+    *,
+    task: str = "causal_lm",
+    num_labels: int = 1,
+    dtype: str | torch.dtype | None = None,
+    trainable: bool = True,
+) -> Any:
+    """Load the model of ``cfg`` for ``task`` ("causal_lm" or "seq_cls") and set it up for ``cfg.finetune``.
+
+    trainable=False gives a frozen model in eval mode without LoRA or quantization (reference, teacher,
+    reward models). The model is on CPU (QLoRA: on this process' GPU when there is one); the engine
+    places it.
+    """
+    import transformers
+
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: use one of {', '.join(TASKS)}.")
+    finetune = cfg.finetune if trainable else "full"
+    if finetune not in ("full", "lora", "qlora"):
+        raise ConfigError(f"model.finetune={finetune!r}: use full, lora or qlora.")
+    dtype = resolve_dtype(cfg.dtype if dtype is None else dtype)
+    source = _resolve_source(cfg.name_or_path, cfg.gguf_file, "model.name_or_path")
+    auto_cls = getattr(transformers, TASKS[task])
+
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if task == "seq_cls":
+        kwargs.update(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    if finetune == "qlora":
+        if source.gguf_file:
+            raise ConfigError("model.finetune=qlora cannot quantize a GGUF checkpoint: convert it once with "
+                              "alignkit.models.convert_gguf(file, folder) and load the folder (or use lora).")
+        kwargs["quantization_config"] = _bnb_config(dtype)
+        device_map = _kbit_device_map()
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+
+    if source.gguf_file:
+        model = _load_gguf(auto_cls, source, dtype, **kwargs)
+    else:
+        model = _from_pretrained(auto_cls, source, "model.name_or_path", dtype=dtype, **kwargs)
+    # adapters record this as their base: keep asset names portable instead of a cache path
+    model.config.name_or_path = source.name
+    model.name_or_path = source.name
+
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        logger.warning("The tokenizer has %d tokens but the model %d embeddings: resizing the embeddings.",
+                       len(tokenizer), n_embeddings)
+        model.resize_token_embeddings(len(tokenizer))
+        model._alignkit_resized_embeddings = True  # adapters must then save the embeddings (save_model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    checkpointing = {"use_reentrant": False}
+    if finetune == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+        if finetune != "full":  # frozen embeddings: make the checkpointed inputs carry grad
+            model.enable_input_require_grads()
+    if finetune in ("lora", "qlora"):
+        model = _apply_lora(model, cfg, task)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT helpers, counting, saving, merging
+# --------------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model inside DDP / DeepSpeed / torch.compile wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def is_peft_model(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(unwrap_model(model), PeftModel)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: Any) -> Iterator[None]:
+    """Run ``model`` without its LoRA adapter (the reference model of a LoRA run); a no-op for plain models."""
+    inner = unwrap_model(model)
+    if is_peft_model(inner):
+        with inner.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their unpacked size, ZeRO-3 their full size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", 0) or p.numel()
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of storage
+            n = n * 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_model(model: Any) -> str:
+    """One line: class, LoRA settings, parameter counts, dtype, device, quantization."""
+    inner = unwrap_model(model)
+    base = inner.get_base_model() if is_peft_model(inner) else inner
+    name = type(base).__name__
+    if is_peft_model(inner):
+        lora = inner.peft_config[inner.active_adapter]
+        name += f" + LoRA(r={lora.r}, alpha={lora.lora_alpha})"
+    trainable, total = count_parameters(inner)
+    pct = 100.0 * trainable / max(total, 1)
+    quant = ", 4-bit NF4" if getattr(base, "is_loaded_in_4bit", False) else ""
+    try:
+        where = f"{base.dtype}, {base.device}".replace("torch.", "")
+    except (AttributeError, StopIteration):
+        where = "?"
+    return f"{name}: {total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable ({pct:.2f}%), {where}{quant}"
+
+
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    state_dict: dict | None = None,
+    is_main_process: bool = True,
+    safe_serialization: bool = True,
+) -> Path:
+    """save_pretrained the model (a PEFT model saves its adapter only) and the tokenizer into ``path``.
+
+    ``state_dict``: weights gathered by the caller (DeepSpeed ZeRO-3); every process may call this, only
+    the main one writes.
+    """
+    inner = unwrap_model(model)
+    path = Path(path)
+    if is_peft_model(inner):
+        inner.save_pretrained(path, state_dict=state_dict, is_main_process=is_main_process,
+                              safe_serialization=safe_serialization,
+                              save_embedding_layers=_save_embedding_layers(inner))
+    else:
+        if not safe_serialization:
+            logger.warning("transformers >= 5 always writes safetensors; safe_serialization=False is ignored.")
+        inner.save_pretrained(path, state_dict=state_dict, is_main_process=is_main_process)
+    if is_main_process and tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _save_embedding_layers(peft_model: Any) -> bool | str:
+    """Whether an adapter must carry the (resized) embeddings, decided without asking the Hub when we know.
+
+    peft's "auto" reads the base's config.json, from the Hub when the base is not a local folder: an
+    asset name or a .gguf path would cost a network round trip (or a hang offline) on every save.
+    """
+    if getattr(peft_model.get_base_model(), "_alignkit_resized_embeddings", False):
+        return True
+    base = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path or ""
+    from alignkit import assets
+
+    if base in assets.ASSETS or base.lower().endswith(".gguf"):
+        return False
+    return "auto"
+
+
+def _num_labels_from_adapter(adapter_dir: Path) -> int:
+    from safetensors import safe_open
+
+    file = adapter_dir / "adapter_model.safetensors"
+    if file.is_file():
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                parts = key.split(".")
+                if key.endswith(".weight") and any(h in parts for h in _SEQ_CLS_HEADS):
+                    return f.get_slice(key).get_shape()[0]
+    return 1
+
+
+def merge_lora(adapter_dir: str | Path, output_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Merge a LoRA adapter folder into its base model and save a plain HF folder (with tokenizer).
+
+    The base is read from adapter_config.json (asset names, local folders, GGUF files and hub names all
+    work). ``dtype``: the merge and output precision (float32 is exact; bfloat16 halves the size).
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; merge_lora needs a LoRA adapter folder "
+                                "(saved by a finetune: lora or qlora run).")
+    adapter_config = json.loads(config_file.read_text())
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_file}: base_model_name_or_path is empty; cannot tell which model to merge into.")
+    task = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls"}.get(adapter_config.get("task_type") or "CAUSAL_LM")
+    if task is None:
+        raise ValueError(f"{config_file}: task_type {adapter_config.get('task_type')!r} is not supported "
+                         "(CAUSAL_LM or SEQ_CLS).")
+    base_cfg = ModelConfig(name_or_path=base, revision=adapter_config.get("revision"), dtype=dtype)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)) if has_tokenizer else base_cfg)
+    num_labels = _num_labels_from_adapter(adapter_dir) if task == "seq_cls" else 1
+    model = load_model(base_cfg, tokenizer, task=task, num_labels=num_labels, trainable=False)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)

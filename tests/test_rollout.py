@@ -1,0 +1,348 @@
+"""Rollout engines on the tiny Llama: padding, sample order, EOS, limits, seeds, wrappers, ZeRO-3 gathering."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import pytest
+import torch
+
+from alignkit.config import ConfigError
+from alignkit.rollout import GenerationConfig, HFGenerateEngine, Rollout, build_engine, build_rollout
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from alignkit.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    from alignkit.testing import tiny_llama
+
+    return tiny_llama(tok).eval()
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def greedy(tok, max_new_tokens: int = 8, **kw) -> HFGenerateEngine:
+    return HFGenerateEngine(tok, GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, **kw))
+
+
+def real_rows(rollout: Rollout) -> list[tuple[list[int], list[int]]]:
+    """(prompt tokens, response tokens) of each row, padding removed."""
+    return [(p[pm.bool()].tolist(), r[rm.bool()].tolist()) for p, pm, r, rm in
+            zip(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)]
+
+
+def test_left_padding_does_not_change_a_prompts_response(tok, model):
+    short = ids(tok, "the cat sat")
+    long = ids(tok, "please tell me a very long story about the big red dog under the tree")
+    alone = greedy(tok).generate(model, [short])
+    batch = greedy(tok).generate(model, [long, short])
+    assert len(long) > len(short)
+    assert batch.prompt_mask[1, 0] == 0 and batch.prompt_mask[1, -1] == 1  # left-padded
+    assert real_rows(batch)[1] == real_rows(alone)[0]
+    assert batch.response_texts[1] == alone.response_texts[0]
+
+
+def test_layout_reproduces_generation_with_one_forward(tok, model):
+    prompts = [ids(tok, "hello world"), ids(tok, "what is the capital of france please tell me")]
+    rollout = greedy(tok, max_new_tokens=6).generate(model, prompts)
+    input_ids, mask = rollout.sequences()
+    P = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=rollout.position_ids()).logits
+    predicted = logits[:, P - 1:-1].argmax(-1)
+    m = rollout.response_mask.bool()
+    assert torch.equal(predicted[m], rollout.response_ids[m])
+
+
+def test_samples_of_a_prompt_are_consecutive(tok, model):
+    prompts = [ids(tok, "the dog ran"), ids(tok, "a bird flew over the log")]
+    cfg = GenerationConfig(max_new_tokens=5, num_samples=3, temperature=1.0)
+    rollout = HFGenerateEngine(tok, cfg).generate(model, prompts, seed=0)
+    assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert rollout.num_prompts == 2 and len(rollout) == 6
+    rows = real_rows(rollout)
+    assert [p for p, _ in rows] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert len({tuple(r) for _, r in rows[:3]}) > 1  # sampled, so the three answers differ
+
+
+def test_stops_at_any_eos_id_and_masks_after(tok, model):
+    prompts = [ids(tok, "the cat sat on the mat"), ids(tok, "one two three"), ids(tok, "hello")]
+    free = greedy(tok, max_new_tokens=8).generate(model, prompts)
+    row = int((~free.ended_with_eos).nonzero()[0])  # a response that did not end by itself
+    stop = free.response_ids[row, 2].item()  # make its third token an extra eos id of the model
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    try:
+        rollout = greedy(tok, max_new_tokens=8).generate(model, prompts)
+    finally:
+        model.generation_config.eos_token_id = original
+    assert rollout.ended_with_eos[row]
+    eos = {tok.eos_token_id, stop}
+    for i, (response, mask, ended) in enumerate(zip(rollout.response_ids, rollout.response_mask,
+                                                    rollout.ended_with_eos)):
+        tokens = free.response_ids[i].tolist()
+        first = next((j for j, t in enumerate(tokens) if t in eos), None)
+        length = len(tokens) if first is None else first + 1
+        assert bool(ended) == (first is not None)
+        assert mask.tolist() == [1] * length + [0] * (len(mask) - length)
+        assert response[:length].tolist() == tokens[:length]  # the eos token itself is part of the response
+        assert (response[length:] == tok.pad_token_id).all()
+
+
+def test_max_new_tokens_is_respected(tok, model):
+    rollout = greedy(tok, max_new_tokens=3).generate(model, [ids(tok, "hello")])
+    assert rollout.response_ids.shape == (1, 3)
+    assert rollout.response_lengths.tolist() == [3] and not rollout.ended_with_eos[0]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_leaves_the_global_rng_alone(tok, model):
+    engine = HFGenerateEngine(tok, GenerationConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, top_k=50))
+    prompts = [ids(tok, "the big red dog"), ids(tok, "tell me about paris")]
+    state = torch.get_rng_state()
+    a = engine.generate(model, prompts, seed=123)
+    b = engine.generate(model, prompts, seed=123)
+    c = engine.generate(model, prompts, seed=124)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_micro_batches_give_the_same_responses(tok, model):
+    prompts = [ids(tok, "a"), ids(tok, "the cat sat on the mat"), ids(tok, "one two")]
+    whole = greedy(tok, max_new_tokens=5).generate(model, prompts)
+    pieces = greedy(tok, max_new_tokens=5, generation_batch_size=2).generate(model, prompts)
+    assert real_rows(whole) == real_rows(pieces)
+
+
+def test_train_mode_and_gradient_checkpointing_are_restored(tok):
+    from alignkit.testing import tiny_llama
+
+    m = tiny_llama(tok)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.config.use_cache = False
+    m.train()
+    prompts = [ids(tok, "the cat")]
+    rollout = greedy(tok, max_new_tokens=4).generate(m, prompts)
+    assert m.training and m.is_gradient_checkpointing
+    m.eval()
+    assert torch.equal(rollout.response_ids, greedy(tok, max_new_tokens=4).generate(m, prompts).response_ids)
+
+
+def test_peft_model_generates_like_its_base_with_a_fresh_adapter(tok, model):
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.testing import tiny_llama
+
+    peft_model = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.train()
+    prompts = [ids(tok, "hello world"), ids(tok, "one")]
+    out = greedy(tok, max_new_tokens=5).generate(peft_model, prompts)
+    assert peft_model.training
+    assert real_rows(out) == real_rows(greedy(tok, max_new_tokens=5).generate(model, prompts))  # LoRA B starts at 0
+
+
+def test_ddp_wrapped_model_is_unwrapped(tok, model):
+    import torch.distributed as dist
+
+    from alignkit.launch import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        prompts = [ids(tok, "the dog")]
+        assert real_rows(greedy(tok).generate(wrapped, prompts)) == real_rows(greedy(tok).generate(model, prompts))
+    finally:
+        dist.destroy_process_group()
+
+
+class _Recorder:
+    """Stands in for deepspeed.zero.GatheredParameters and the ZeRO-3 hook owner."""
+
+    def __init__(self):
+        self.gathers: list[int] = []
+        self.active = False
+        self.removed = 0
+        self.registered = 0
+        self.forwards_inside: list[bool] = []
+
+
+def _fake_zero3(monkeypatch, model, rec: _Recorder):
+    class GatheredParameters:
+        def __init__(self, params, modifier_rank=None):
+            self.params = list(params)
+
+        def __enter__(self):
+            rec.gathers.append(len(self.params))
+            rec.active = True
+
+        def __exit__(self, *exc):
+            rec.active = False
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+
+    class Hook:
+        def remove(self):
+            rec.removed += 1
+
+    class Offload:
+        def __init__(self):
+            self.forward_hooks, self.backward_hooks, self.module = [Hook(), Hook()], [Hook()], model
+
+        def _register_deepspeed_module(self, module):
+            assert module is model
+            rec.registered += 1
+
+    class DeepSpeedEngine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = model
+            self.optimizer = types.SimpleNamespace(parameter_offload=Offload())
+
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i
+    model.register_forward_pre_hook(lambda *_: rec.forwards_inside.append(rec.active))
+    return DeepSpeedEngine()
+
+
+def test_zero3_parameters_are_gathered_once_per_rollout(tok, monkeypatch):
+    from alignkit.testing import tiny_llama
+
+    m = tiny_llama(tok).eval()
+    rec = _Recorder()
+    engine = _fake_zero3(monkeypatch, m, rec)
+    prompts = [ids(tok, "a"), ids(tok, "the cat"), ids(tok, "one two three")]
+    rollout = greedy(tok, max_new_tokens=4, generation_batch_size=1).generate(engine, prompts)
+    assert rec.gathers == [len(list(m.parameters()))]  # one gather for three micro-batches
+    assert rec.forwards_inside and all(rec.forwards_inside)  # every forward ran on gathered weights
+    assert rec.removed == 3 and rec.registered == 1  # ZeRO hooks off during generation, back after
+    assert len(rollout) == 3
+
+
+def test_config_validation_names_the_key(tok):
+    with pytest.raises(ConfigError, match=r"grpo\.engine='vlm'"):
+        GenerationConfig(engine="vlm").validate_generation("grpo")
+    with pytest.raises(ConfigError, match=r"ppo\.top_p"):
+        GenerationConfig(top_p=0).validate_generation("ppo")
+    with pytest.raises(ValueError, match="empty"):
+        greedy(tok).generate(torch.nn.Linear(1, 1), [[1], []])
+
+
+def test_vllm_missing_gives_the_install_hint_and_hf_still_works(tok, model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(ImportError, match=r"pip install alignkit\[vllm\]"):
+        build_engine(GenerationConfig(engine="vllm"), tok, model_name_or_path="unused")
+    engine = build_engine(GenerationConfig(max_new_tokens=2, do_sample=False), tok)
+    assert isinstance(engine, HFGenerateEngine)
+    assert len(engine.generate(model, [ids(tok, "hi")])) == 1
+
+
+def test_alignkit_imports_without_vllm():
+    import subprocess
+
+    code = ("import sys; sys.modules['vllm'] = None; import alignkit, alignkit.rollout, alignkit.rewards; "
+            "assert sys.modules['vllm'] is None")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_build_rollout_cuts_after_the_first_eos(tok):
+    eos = tok.eos_token_id
+    r = build_rollout([[5, 6], [7]], [[10, eos, 11], [12, 13, 14]], torch.tensor([0, 1]), [eos], 0, tok)
+    assert r.response_ids.tolist() == [[10, eos, 0], [12, 13, 14]]
+    assert r.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert r.ended_with_eos.tolist() == [True, False]
+    assert r.prompt_ids.tolist() == [[5, 6], [0, 7]] and r.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert r.position_ids().tolist() == [[0, 1, 2, 3, 0], [0, 0, 1, 2, 3]]
+
+
+def _fake_vllm(monkeypatch, tok, canned: list[int]):
+    """A stand-in for the vllm package: records loaded weights, answers every prompt with ``canned``."""
+    loaded: dict[str, torch.Tensor] = {}
+
+    class Model:
+        def load_weights(self, weights):
+            for name, tensor in weights:
+                loaded[name] = tensor.clone()
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            self.kwargs = kwargs
+            runner = types.SimpleNamespace(model=Model())
+            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(model_runner=runner)))
+            self.prefix_resets = 0
+
+        def reset_prefix_cache(self):
+            self.prefix_resets += 1
+
+        def generate(self, prompts, sampling_params, use_tqdm):
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=canned + [j])
+                                                   for j in range(sampling_params.n)]) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = LLM
+    fake.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    return loaded
+
+
+def test_vllm_engine_syncs_merged_lora_weights_under_hf_names(tok, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.testing import tiny_llama
+
+    eos = tok.eos_token_id
+    loaded = _fake_vllm(monkeypatch, tok, canned=[5, eos])
+    base = tiny_llama(tok)
+    names = set(dict(base.named_parameters()))
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)  # a trained adapter: merging changes q_proj
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    engine = build_engine(GenerationConfig(engine="vllm", num_samples=2, max_new_tokens=4), tok,
+                          model_name_or_path="unused")
+    rollout = engine.generate(peft_model, [ids(tok, "hello"), ids(tok, "the cat")])
+    assert set(loaded) == names  # every base weight, HF names, no LoRA tensors
+    for n, p in peft_model.named_parameters():
+        assert torch.equal(p, before[n])  # the training model is untouched
+    expected = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    for name in names:
+        assert torch.allclose(loaded[name], expected[name], atol=1e-6), name
+    assert not torch.allclose(loaded[q], before["base_model.model." + q.replace(".weight", ".base_layer.weight")])
+    assert engine.llm.prefix_resets == 1
+    assert rollout.prompt_index.tolist() == [0, 0, 1, 1]
+    assert rollout.response_ids.tolist() == [[5, eos]] * 4  # cut after the first eos
+    assert rollout.ended_with_eos.all()
+
+
+def test_checkpoint_generation_defaults_do_not_change_the_sampling(tok, model):
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.testing import tiny_llama
+
+    prompts = [ids(tok, "the cat sat on the mat")]
+    clean = greedy(tok, max_new_tokens=8).generate(model, prompts)
+    for m in (tiny_llama(tok), get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj"]))):
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        first = clean.response_ids[0, 0].item()
+        base.generation_config.suppress_tokens = [first]  # a generation_config.json default
+        out = greedy(tok, max_new_tokens=8).generate(m, prompts)
+        assert real_rows(out) == real_rows(clean)
+        assert base.generation_config.suppress_tokens == [first]  # restored
+        assert m.generate(torch.tensor(prompts), max_new_tokens=1, do_sample=False)[0, -1] != first  # it matters
