@@ -31,9 +31,9 @@ def _first_last(out: Path) -> tuple[float, float]:
 
 def _answer_logprob(model_dir, tok, records) -> float:
     """Mean log-prob of the memorised answers under a model loaded from disk."""
-    from alignkit.data import tokenize_example
-
     from transformers import AutoModelForCausalLM
+
+    from alignkit.data import tokenize_example
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     total, n = 0.0, 0
