@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     p = sub.add_parser("config", help="print every option of METHOD with default and doc")
-    p.add_argument("method")
+    p.add_argument("method", nargs="?", default="sft")
+    p.add_argument("--markdown", action="store_true", help="the reference of every method, as docs/config.md")
     p = sub.add_parser("assets", help="list or fetch the offline real assets")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args, argv)
         if args.command == "config":
-            from alignkit.config import describe
+            from alignkit.config import describe, reference_markdown
 
-            print(describe(args.method))
+            print(reference_markdown() if args.markdown else describe(args.method))
             return 0
         if args.command == "assets":
             from alignkit.assets import assets_main
@@ -95,9 +96,14 @@ def _train(args, argv: list[str]) -> int:
     result = train(cfg)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        summary = {k: v for k, v in result.items() if k in ("step", "train", "eval", "output_dir")}
+    state = PartialState()
+    if state.is_main_process:
+        shown = ("step", "train", "eval", "eval_before", "best_of_n", "output_dir")
+        summary = {k: v for k, v in result.items() if k in shown}
         print(f"alignkit: done: {summary}")
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()  # a clean exit; an open group can abort a worker at shutdown
     return 0
 
 

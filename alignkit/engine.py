@@ -458,6 +458,7 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
     t = cfg.training
     out = Path(t.output_dir)
     resume_from = check_output_dir(t)  # before anything is written
+    accelerator.wait_for_everyone()  # every process checks before the main one writes
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / CONFIG_FILE)

@@ -69,3 +69,12 @@ def test_saved_config_round_trips(tmp_path):
     cfg.save(tmp_path / "c.yaml")
     again = load_config("sft", tmp_path / "c.yaml")
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_docs_config_reference_is_current():
+    from pathlib import Path
+
+    from alignkit.config import reference_markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "config.md"
+    assert doc.read_text() == reference_markdown() + "\n", "regenerate: alignkit config --markdown > docs/config.md"

@@ -124,7 +124,10 @@ def normalize_record(record: dict[str, Any], kind: str, fmt: str = "auto",
     if fmt == "preference":
         prompt, chosen, rejected = _preference(record, system_prompt)
         if kind == "preference":
-            return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+            out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            if record.get("margin") is not None:
+                out["margin"] = _margin(record)
+            return [out]
         if kind == "unpaired":
             return [{"prompt": prompt, "completion": chosen, "label": True},
                     {"prompt": prompt, "completion": rejected, "label": False}]
@@ -234,6 +237,17 @@ def _prompt_record(record: dict, prompt: Any, consumed: tuple[str, ...]) -> dict
     out = {k: v for k, v in record.items() if k not in consumed}
     out["prompt"] = prompt
     return out
+
+
+def _margin(record: dict) -> float:
+    try:
+        value = float(record["margin"])
+    except (TypeError, ValueError):
+        raise DataError(f"must be a number, got {record['margin']!r}", field="margin",
+                        fix="Use a numeric preference strength, or drop the column.") from None
+    if not math.isfinite(value):
+        raise DataError(f"must be finite, got {value}", field="margin", fix="Use a finite number.")
+    return value
 
 
 def _preference(record: dict, system_prompt: str | None) -> tuple[Any, Any, Any]:

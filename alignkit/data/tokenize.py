@@ -68,9 +68,14 @@ def _bos(tokenizer) -> list[int]:
     return [bos] if adds_bos else []
 
 
+_warned_no_eos: set[int] = set()
+
+
 def _eos(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is None:
-        logger.warning("the tokenizer has no eos token: plain completions get no end marker")
+        if id(tokenizer) not in _warned_no_eos:  # once per tokenizer, not once per row
+            _warned_no_eos.add(id(tokenizer))
+            logger.warning("the tokenizer has no eos token: plain completions get no end marker")
         return []
     return [tokenizer.eos_token_id]
 
@@ -240,6 +245,8 @@ def tokenize_example(record: dict[str, Any], tokenizer, kind: str, *, max_length
             out[f"{name}_ids"] = ids[:keep_c]
         if kind == "unpaired":
             out["label"] = bool(record["label"])
+        if record.get("margin") is not None:  # reward-model pairs may carry a preference strength
+            out["margin"] = float(record["margin"])
         return out
     raise ValueError(f"unknown data kind {kind!r}")
 

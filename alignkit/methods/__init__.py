@@ -21,6 +21,10 @@ METHOD_MODULES: dict[str, str] = {
     "cpo": "alignkit.methods.preference",
     "orpo": "alignkit.methods.preference",
     "kto": "alignkit.methods.kto",
+    "kd": "alignkit.methods.distill",
+    "seqkd": "alignkit.methods.distill",
+    "gkd": "alignkit.methods.distill",
+    "rejection_sampling": "alignkit.methods.rejection_sampling",
 }
 
 

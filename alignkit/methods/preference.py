@@ -1,0 +1,395 @@
+"""The DPO family on preference pairs: DPO (sigmoid / IPO / hinge / robust), SimPO, CPO (and CPO-SimPO), ORPO.
+
+Four method names, one :class:`PreferenceMethod` parametrised by the name. The losses themselves are the
+pure functions of :mod:`alignkit.losses.preference`; this module feeds them log-probabilities.
+
+Recipe: accelerator → tokenizer → data (kind "preference") → policy (full / LoRA / QLoRA) → reference
+(DPO only) → optional precomputed reference log-probs → engine.fit.
+
+Per micro-batch of B pairs:
+
+1. ``collate``: 2B rows, ``prompt + chosen`` then ``prompt + rejected``, right-padded to one length;
+   labels are the completion tokens (prompt and padding are -100).
+2. One policy forward over the 2B rows that asks the LM head only for positions from the first completion
+   token on (``alignkit.forward.target_logits``); ``log πθ(y|x)`` by gather (``selective_log_softmax``),
+   never a full-vocabulary log-softmax over the prompt.
+3. DPO only, ``log π_ref(y|x)``: precomputed in the rows, or a frozen reference model (``dpo.ref_model``,
+   else a frozen copy of ``model.name_or_path``), or, for LoRA/QLoRA, the policy with its adapter off.
+4. The loss summed over pairs and metric sums over pairs (the engine divides by the global pair count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.config import ConfigError, RunConfig, opt, register_method_config
+from alignkit.engine import OfflineMethod, fit, prepare_frozen, setup_accelerator, zero_stage
+from alignkit.forward import target_logits
+from alignkit.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss, token_logps
+
+logger = logging.getLogger("alignkit")
+
+IGNORE_INDEX = -100
+DPO_LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust"]
+CPO_LOSS_TYPES = ["sigmoid", "ipo", "hinge", "simpo"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config: a small base (beta) and one dataclass per method name
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceConfig:
+    """Fields every method of the family shares."""
+
+    beta: float = opt(0.1, "β: scale of the implicit reward β·log π(y|x) (DPO: a higher β keeps the policy closer "
+                           "to the reference).")
+
+    def validate(self, run: RunConfig) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"{run.method}.beta={self.beta}: must be > 0.")
+
+    def _check_smoothing(self, run: RunConfig, loss_type: str) -> None:
+        eps = self.label_smoothing
+        if loss_type in ("sigmoid", "simpo") and not 0.0 <= eps <= 0.5:
+            raise ConfigError(f"{run.method}.label_smoothing={eps}: must be in [0, 0.5] (the probability that a "
+                              "preference label is flipped).")
+        if loss_type == "robust" and not 0.0 <= eps < 0.5:
+            raise ConfigError(f"{run.method}.label_smoothing={eps}: loss_type robust needs it in [0, 0.5) "
+                              "(it divides by 1 - 2*label_smoothing).")
+        if loss_type in ("ipo", "hinge") and eps != 0.0:
+            raise ConfigError(f"{run.method}.label_smoothing={eps} has no meaning for loss_type {loss_type}; set it "
+                              "to 0, or use loss_type sigmoid (conservative DPO) or robust.")
+
+    def _refuse_fp16(self, run: RunConfig) -> None:
+        if run.training.mixed_precision == "fp16" or run.model.dtype in ("float16", "fp16"):
+            raise ConfigError(
+                f"{run.method} in float16 (training.mixed_precision={run.training.mixed_precision}, "
+                f"model.dtype={run.model.dtype}): its reference-free, length-normalised log-probabilities "
+                "(and ORPO's log(1 - p)) lose their precision or overflow in fp16 and the loss turns NaN. "
+                "Use training.mixed_precision=bf16 (GPUs with bf16) or no (fp32), and model.dtype "
+                "bfloat16, float32 or auto."
+            )
+
+
+def _choice(run: RunConfig, key: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{run.method}.{key}={value!r} is not valid; choose one of: {', '.join(choices)}.")
+
+
+@register_method_config("dpo")
+@dataclass
+class DPOConfig(PreferenceConfig):
+    loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo (IPO, on length-averaged log-ratios), hinge (SLiC), robust (rDPO).")
+    label_smoothing: float = opt(0.0, "Probability a label is flipped: conservative DPO (sigmoid) or robust DPO; 0 otherwise.")
+    ref_model: str | None = opt(None, "Reference model (folder, hub name, asset). None: the policy with its adapter "
+                                      "off (lora/qlora) or a frozen copy of model.name_or_path (full).")
+    precompute_ref_logps: bool = opt(False, "Score every train/eval row with the reference once before training, "
+                                            "then free the reference model (one forward less per step).")
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        _choice(run, "loss_type", self.loss_type, DPO_LOSS_TYPES)
+        self._check_smoothing(run, self.loss_type)
+
+
+@register_method_config("simpo")
+@dataclass
+class SimPOConfig(PreferenceConfig):
+    beta: float = opt(2.0, "β: scale of the length-normalised reward β/|y| log πθ(y|x) (SimPO uses 2-10).")
+    gamma_beta_ratio: float = opt(0.5, "Target reward margin γ as a fraction of β (γ = gamma_beta_ratio * β).")
+    label_smoothing: float = opt(0.0, "Probability a label is flipped (conservative loss), in [0, 0.5].")
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        self._check_smoothing(run, "simpo")
+        self._refuse_fp16(run)
+
+
+@register_method_config("cpo")
+@dataclass
+class CPOConfig(PreferenceConfig):
+    loss_type: str = opt("sigmoid", "Preference term: sigmoid (CPO), hinge, ipo, or simpo (CPO-SimPO: SimPO's "
+                                    "length-normalised margin loss plus the NLL term).")
+    label_smoothing: float = opt(0.0, "Probability a label is flipped (sigmoid / simpo), in [0, 0.5].")
+    cpo_alpha: float = opt(1.0, "Weight α of the NLL (behaviour cloning) term on the chosen completions.")
+    gamma_beta_ratio: float = opt(0.5, "loss_type simpo only: target margin γ = gamma_beta_ratio * β.")
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        _choice(run, "loss_type", self.loss_type, CPO_LOSS_TYPES)
+        self._check_smoothing(run, self.loss_type)
+        if self.cpo_alpha < 0:
+            raise ConfigError(f"cpo.cpo_alpha={self.cpo_alpha}: must be >= 0.")
+        self._refuse_fp16(run)
+
+
+@register_method_config("orpo")
+@dataclass
+class ORPOConfig(PreferenceConfig):
+    beta: float = opt(0.1, "λ: weight of the odds-ratio term added to the NLL of the chosen completions.")
+
+    def validate(self, run: RunConfig) -> None:
+        super().validate(run)
+        self._refuse_fp16(run)
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probabilities of completions (shared with KTO)
+# --------------------------------------------------------------------------------------------------
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: summed ``log p(completion tokens)``, their count, and the mean logit over them (detached).
+
+    Only the logits of positions that predict a completion token are computed (``logits_to_keep``), and
+    the log-probs are gathered with ``selective_log_softmax`` (no ``[B, T, V]`` log-softmax copy).
+    """
+    logits, targets = target_logits(model, input_ids, attention_mask, labels)
+    mask = targets != IGNORE_INDEX
+    logps = token_logps(logits, targets, mask=mask).sum(-1)
+    n_tokens = mask.sum(-1)
+    mean_logits = (logits.detach().mean(-1, dtype=torch.float32) * mask).sum(-1) / n_tokens.clamp(min=1)
+    return logps, n_tokens, mean_logits
+
+
+def pad_rows(seqs: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels, right-padded to the longest row."""
+    from alignkit.data import attention_mask_from_lengths, pad
+
+    input_ids = pad(seqs, pad_token_id)
+    return {"input_ids": input_ids,
+            "attention_mask": attention_mask_from_lengths([len(s) for s in seqs], input_ids.shape[1]),
+            "labels": pad(labels, IGNORE_INDEX)}
+
+
+def reference_context(model):
+    """No grad, eval mode (no dropout), and for a LoRA policy used as its own reference, the adapter off."""
+    from alignkit.models import adapters_disabled
+
+    @contextlib.contextmanager
+    def ctx():
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), adapters_disabled(model):
+                yield
+        finally:
+            model.train(was_training)
+
+    return ctx()
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------------
+
+
+class PreferenceMethod(OfflineMethod):
+    """DPO / SimPO / CPO / ORPO on concatenated chosen+rejected batches; items are pairs.
+
+    ``ref_model``: a placed frozen reference (DPO); ``adapter_ref``: use the policy with its LoRA adapter
+    disabled instead. Rows holding ``ref_chosen_logps``/``ref_rejected_logps`` need neither.
+    """
+
+    bar_metrics = ("rewards/accuracies", "rewards/margins")
+
+    def __init__(self, method: str, args: PreferenceConfig, pad_token_id: int, *, accelerator=None,
+                 ref_model=None, adapter_ref: bool = False):
+        if method not in ("dpo", "simpo", "cpo", "orpo"):
+            raise ValueError(f"PreferenceMethod: unknown method {method!r}.")
+        self.method, self.args, self.pad_token_id = method, args, pad_token_id
+        self.accelerator, self.ref_model, self.adapter_ref = accelerator, ref_model, adapter_ref
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs, labels = [], []
+        for name in ("chosen_ids", "rejected_ids"):
+            for r in rows:
+                prompt, completion = list(r["prompt_ids"]), list(r[name])
+                seqs.append(prompt + completion)
+                labels.append([IGNORE_INDEX] * len(prompt) + completion)
+        batch = pad_rows(seqs, labels, self.pad_token_id)
+        if all("ref_chosen_logps" in r for r in rows):
+            batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
+                                              + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    # -- reference ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
+    def reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``log π_ref`` of the 2B rows: precomputed, from the reference model, or the adapter-off policy."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(batch["input_ids"].device)
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if self.ref_model is not None:
+            with torch.no_grad(), self._autocast():
+                return completion_logps(self.ref_model, *args)[0]
+        if self.adapter_ref:
+            with reference_context(model), self._autocast():
+                return completion_logps(model, *args)[0]
+        raise RuntimeError("dpo needs reference log-probs: give a ref_model, adapter_ref=True or precomputed rows.")
+
+    def precompute_reference(self, model, rows: list[dict], batch_size: int) -> None:
+        """Store ``ref_chosen_logps``/``ref_rejected_logps`` in every row (rows are sharded over processes,
+        every process runs the same number of forwards, results are gathered to all)."""
+        acc = self.accelerator
+        world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+        device = acc.device if acc is not None else torch.device("cpu")
+        mine = list(range(rank, len(rows), world))
+        n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
+        found = []
+        for b in range(n_batches):
+            idx = mine[b * batch_size:(b + 1) * batch_size]
+            # a process with no rows left still runs a forward (ZeRO-3 gathers weights collectively)
+            batch = self.collate([rows[i] for i in idx] or [rows[0]])
+            batch.pop("ref_logps", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            ref = self.reference_logps(model, batch).float().cpu()
+            k = len(batch["input_ids"]) // 2
+            found += [(i, float(ref[j]), float(ref[k + j])) for j, i in enumerate(idx)]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            found = gather_object(found)
+        for i, chosen, rejected in found:
+            rows[i]["ref_chosen_logps"] = chosen
+            rows[i]["ref_rejected_logps"] = rejected
+        missing = sum("ref_chosen_logps" not in r for r in rows)
+        if missing:
+            raise RuntimeError(f"precompute_ref_logps: {missing} rows got no reference log-probs.")
+
+    # -- loss ---------------------------------------------------------------------------------------
+
+    def loss(self, model, batch):
+        B = self.count_items(batch)
+        a = self.args
+        ref = self.reference_logps(model, batch) if self.method == "dpo" else None
+        logps, n_tokens, mean_logits = completion_logps(model, batch["input_ids"], batch["attention_mask"],
+                                                        batch["labels"])
+        avg = logps / n_tokens.clamp(min=1)  # length-normalised log-probs (SimPO, IPO, ORPO, NLL)
+        nll = None
+        extra = {}
+        if self.method == "dpo":
+            if a.loss_type == "ipo":  # IPO on per-token log-ratios (TRL / the IPO authors' experiments)
+                pol, ref_used = avg, ref / n_tokens.clamp(min=1)
+            else:
+                pol, ref_used = logps, ref
+            losses, r_chosen, r_rejected = dpo_loss(pol[:B], pol[B:], ref_used[:B], ref_used[B:], beta=a.beta,
+                                                    loss_type=a.loss_type, label_smoothing=a.label_smoothing)
+        elif self.method == "simpo":
+            losses, r_chosen, r_rejected = simpo_loss(avg[:B], avg[B:], beta=a.beta,
+                                                      gamma_beta_ratio=a.gamma_beta_ratio,
+                                                      label_smoothing=a.label_smoothing)
+        elif self.method == "cpo":
+            if a.loss_type == "simpo":
+                losses, r_chosen, r_rejected = simpo_loss(avg[:B], avg[B:], beta=a.beta,
+                                                          gamma_beta_ratio=a.gamma_beta_ratio,
+                                                          label_smoothing=a.label_smoothing)
+            else:
+                pol = avg if a.loss_type == "ipo" else logps
+                losses, r_chosen, r_rejected = cpo_loss(pol[:B], pol[B:], beta=a.beta, loss_type=a.loss_type,
+                                                        label_smoothing=a.label_smoothing)
+            # NLL per pair: the chosen completion's mean token NLL (per-pair, so the engine's pair mean
+            # is exact under any batching)
+            nll = -avg[:B]
+            losses = losses + a.cpo_alpha * nll
+        else:  # orpo
+            odds, r_chosen, r_rejected, log_odds_ratio, log_odds_chosen = orpo_loss(avg[:B], avg[B:], beta=a.beta)
+            nll = -avg[:B]
+            losses = nll + odds.to(nll.dtype)
+            extra = {"log_odds_ratio": log_odds_ratio.sum(), "log_odds_chosen": log_odds_chosen.sum()}
+        metrics = {
+            "rewards/chosen": r_chosen.sum(),
+            "rewards/rejected": r_rejected.sum(),
+            "rewards/accuracies": (r_chosen > r_rejected).float().sum(),
+            "rewards/margins": (r_chosen - r_rejected).sum(),
+            "logps/chosen": logps[:B].detach().sum(),
+            "logps/rejected": logps[B:].detach().sum(),
+            "logits/chosen": mean_logits[:B].sum(),
+            "logits/rejected": mean_logits[B:].sum(),
+        }
+        if nll is not None:
+            metrics["nll"] = nll.detach().sum()
+        metrics.update(extra)
+        return losses.sum(), {k: v.detach().float() for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe
+# --------------------------------------------------------------------------------------------------
+
+
+def load_reference(cfg: RunConfig, tokenizer, accelerator, policy) -> tuple[torch.nn.Module | None, bool]:
+    """(placed frozen reference model or None, use the adapter-off policy) for DPO / KTO, logged."""
+    from alignkit.models import load_model
+
+    name, ref_name = cfg.method, cfg.method_args.ref_model
+    if ref_name:
+        ref_cfg = dataclasses.replace(cfg.model, name_or_path=ref_name, gguf_file=None, revision=None,
+                                      finetune="full", gradient_checkpointing=False)
+        logger.info(f"{name} reference: frozen {ref_name} ({name}.ref_model)")
+    elif cfg.model.finetune in ("lora", "qlora"):
+        logger.info(f"{name} reference: the policy with its LoRA adapter disabled (model.finetune="
+                    f"{cfg.model.finetune}; no second copy of the weights)")
+        return None, True
+    else:
+        logger.info(f"{name} reference: no {name}.ref_model given with model.finetune=full, so a frozen copy of "
+                    f"{cfg.model.name_or_path} is loaded as the reference (a second copy of the weights in memory; "
+                    f"set {name}.ref_model, or use model.finetune=lora to reuse the policy with its adapter off)")
+        ref_cfg = dataclasses.replace(cfg.model, finetune="full", gradient_checkpointing=False)
+    ref = load_model(ref_cfg, tokenizer, trainable=False)
+    ref_vocab, policy_vocab = ref.config.get_text_config().vocab_size, policy.config.get_text_config().vocab_size
+    if ref_vocab != policy_vocab:
+        raise ConfigError(f"{name}.ref_model={ref_name!r} has a vocabulary of {ref_vocab} tokens but the policy "
+                          f"{policy_vocab}: the reference must use the policy's tokenizer (log-probs are compared "
+                          "token by token). Use a reference from the same model family, or the policy's base model.")
+    return prepare_frozen(accelerator, ref), False
+
+
+def run(cfg: RunConfig) -> dict:
+    from alignkit.data import build_datasets
+    from alignkit.models import load_model, load_tokenizer
+
+    accelerator = setup_accelerator(cfg.training)
+    tokenizer = load_tokenizer(cfg.model)
+    with accelerator.main_process_first():
+        splits = build_datasets(cfg.data, tokenizer, "preference")
+    model = load_model(cfg.model, tokenizer)  # the policy first: its LoRA init draws from the seeded RNG
+    ref_model, adapter_ref = None, False
+    if cfg.method == "dpo":
+        ref_model, adapter_ref = load_reference(cfg, tokenizer, accelerator, model)
+    method = PreferenceMethod(cfg.method, cfg.method_args, tokenizer.pad_token_id, accelerator=accelerator,
+                              ref_model=ref_model, adapter_ref=adapter_ref)
+    if cfg.method == "dpo" and cfg.method_args.precompute_ref_logps:
+        if adapter_ref:
+            if zero_stage(accelerator) == 3:
+                raise ConfigError("dpo.precompute_ref_logps with a LoRA policy as its own reference is not supported "
+                                  "under ZeRO-3 (the policy is not placed before training); set "
+                                  "dpo.precompute_ref_logps=false (a LoRA reference costs no extra memory).")
+            model.to(accelerator.device)
+        for rows in (splits.train, splits.eval or []):
+            method.precompute_reference(model, rows, cfg.training.per_device_batch_size)
+        logger.info("dpo: reference log-probs precomputed for %d train and %d eval rows; reference freed",
+                    len(splits.train), len(splits.eval or []))
+        method.ref_model = ref_model = None
+        gc.collect()
+    result = fit(accelerator, model, tokenizer, method, cfg, splits.train, splits.eval)
+    result["data_stats"] = splits.stats
+    return result

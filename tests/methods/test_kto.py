@@ -1,0 +1,100 @@
+"""KTO: mismatched pairs for the KL reference point, its cross-process reduction, and learning."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from alignkit.config import ConfigError, build_config
+from alignkit.losses import kto_loss
+from alignkit.methods.kto import KTOConfig, KTOMethod
+from alignkit.methods.preference import completion_logps
+
+from . import metrics, preference_records, train, write_jsonl
+
+
+def _rows():
+    return [{"prompt_ids": [5, 6], "completion_ids": [7], "label": True},
+            {"prompt_ids": [8], "completion_ids": [9, 10], "label": False},
+            {"prompt_ids": [11, 12, 13], "completion_ids": [14], "label": True}]
+
+
+def test_collate_pairs_each_prompt_with_the_previous_rows_completion():
+    batch = KTOMethod(KTOConfig(), pad_token_id=0, max_length=4, adapter_ref=True).collate(_rows())
+    assert batch["desirable"].tolist() == [True, False, True]
+    ids = batch["input_ids"].tolist()
+    assert ids[:3] == [[5, 6, 7, 0], [8, 9, 10, 0], [11, 12, 13, 14]]
+    # KL rows: prompt i + completion i-1 (row 0 takes the last row's); prompts cut from the left to fit
+    assert ids[3:] == [[5, 6, 14, 0], [8, 7, 0, 0], [12, 13, 9, 10]]
+    assert batch["labels"][5].tolist() == [-100, -100, 9, 10]
+    no_kl = KTOMethod(KTOConfig(reference_point=False), 0, 8, adapter_ref=True).collate(_rows())
+    assert no_kl["input_ids"].shape[0] == 3
+
+
+class _TwoProcesses:
+    """An accelerator stand-in for 2 processes: the other process contributes ``other`` to every sum."""
+
+    num_processes = 2
+
+    def __init__(self, other: list[float]):
+        self.other, self.calls = torch.tensor(other), []
+
+    def reduce(self, tensor, reduction):
+        self.calls.append((tensor.clone(), reduction))
+        assert reduction == "sum"
+        return tensor + self.other
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def test_kl_reference_point_and_class_counts_are_all_reduced_before_use(tiny_tok):
+    from alignkit.testing import tiny_llama
+
+    policy, ref = tiny_llama(tiny_tok, seed=1), tiny_llama(tiny_tok, seed=2).eval()
+    # the other process: z0 estimate 2.0, one desirable and one undesirable row
+    acc = _TwoProcesses(other=[2.0, 1.0, 1.0])
+    method = KTOMethod(KTOConfig(beta=0.5), tiny_tok.pad_token_id, 64, accelerator=acc, ref_model=ref)
+    batch = method.collate(_rows())
+    loss, m = method.loss(policy, batch)
+    (sent, _), = acc.calls
+    B = 3
+    with torch.no_grad():
+        pol = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+        ref_logps = completion_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+    local_kl = float((pol[B:] - ref_logps[B:]).mean())
+    assert sent.tolist() == pytest.approx([local_kl, 2.0, 1.0], abs=1e-5)  # this process' z0 and class counts
+    z0 = max(0.0, (local_kl + 2.0) / 2)  # the mean over the two processes is the one used
+    assert float(m["kl"]) / B == pytest.approx(z0, abs=1e-5)
+    d = batch["desirable"]
+    expected, chosen_rewards, *_ = kto_loss(pol[:B][d], pol[:B][~d], None, ref_logps[:B][d], ref_logps[:B][~d],
+                                            None, beta=0.5, kl=z0)
+    assert float(loss.detach()) == pytest.approx(float(expected.sum()), abs=1e-5)
+    # class means over both processes: 5 rows in the micro-step, 3 desirable
+    assert float(m["rewards/chosen"]) == pytest.approx(float(chosen_rewards.sum()) * 5 / 3, abs=1e-5)
+
+
+def test_kto_moves_the_margin(tmp_path, tiny_model_dir):
+    # preference pairs read as unpaired data: chosen -> desirable, rejected -> undesirable
+    data = write_jsonl(tmp_path / "pref.jsonl", preference_records(16))
+    out = tmp_path / "kto"
+    train("kto", tiny_model_dir, data, out, max_steps=8, learning_rate=2e-3)
+    steps, final_eval = metrics(out)
+    first, last = steps[1], steps[8]
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert last["rewards/margins"] > 0.1 and last["rewards/accuracies"] > first["rewards/accuracies"]
+    assert last["loss"] < first["loss"]
+    assert final_eval["eval/rewards/margins"] > 0
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "logits/chosen",
+                "logits/rejected", "kl", "count/desirable"):
+        assert key in last
+
+
+def test_kto_config_errors():
+    with pytest.raises(ConfigError, match="per_device_batch_size=1.*at least 2 rows.*reference_point=false"):
+        build_config("kto", {"training": {"per_device_batch_size": 1}})
+    build_config("kto", {"training": {"per_device_batch_size": 1}, "kto": {"reference_point": False}})
+    with pytest.raises(ConfigError, match="kto.beta"):
+        build_config("kto", {"kto": {"beta": -1}})
