@@ -403,14 +403,14 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------
 
 
-def _reduce_sum(accelerator, values: list[float]) -> list[float]:
+def reduce_sum(accelerator, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t.tolist()
 
 
-def _any_process(accelerator, flag: bool) -> bool:
+def any_process(accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
@@ -431,7 +431,7 @@ def evaluate(accelerator, model, method: OfflineMethod, rows: list[dict], batch_
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     keys = sorted(sums)
-    totals = _reduce_sum(accelerator, [loss_sum, items] + [sums[k] for k in keys])
+    totals = reduce_sum(accelerator, [loss_sum, items] + [sums[k] for k in keys])
     model.train(was_training)
     denom = max(totals[1], 1.0)
     out = {"eval/loss": totals[0] / denom}
@@ -494,14 +494,14 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
         state.micro_step += G
         # exact normalisation: every process divides by the mean item count per (process, micro-batch)
         local_items = sum(method.count_items(b) for b in micro)
-        global_items = _reduce_sum(accelerator, [local_items])[0]
+        global_items = reduce_sum(accelerator, [local_items])[0]
         norm = max(global_items, 1.0) / (G * accelerator.num_processes)
         loss_sum, sums, bad, tokens = 0.0, {}, False, 0
         for b in micro:
             tokens += method.count_tokens(b)
             with accelerator.accumulate(model):
                 loss, metrics = method.loss(model, b)
-                micro_bad = _any_process(accelerator, not bool(torch.isfinite(loss.detach()).all()))
+                micro_bad = any_process(accelerator, not bool(torch.isfinite(loss.detach()).all()))
                 if micro_bad:
                     bad = True
                     if use_ds:  # keep DeepSpeed's micro-step count aligned: a zero-gradient backward
@@ -515,7 +515,7 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
         if not bad and t.max_grad_norm > 0 and not use_ds:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                bad = _any_process(accelerator, True)
+                bad = any_process(accelerator, True)
         elif use_ds and hasattr(model, "get_global_grad_norm"):
             grad_norm = model.get_global_grad_norm()
         if bad:
@@ -544,7 +544,7 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
         tracker.advance()
 
         if state.step % t.logging_steps == 0 or state.step == max_steps:
-            totals = _reduce_sum(accelerator, [loss_sum, float(tokens_window)] + [sums[k] for k in sorted(sums)])
+            totals = reduce_sum(accelerator, [loss_sum, float(tokens_window)] + [sums[k] for k in sorted(sums)])
             elapsed = time.perf_counter() - t0
             last_metrics = {"loss": totals[0] / max(global_items, 1.0), "lr": scheduler.get_last_lr()[0],
                             "tok/s": totals[1] / max(elapsed, 1e-9),
