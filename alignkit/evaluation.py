@@ -69,3 +69,36 @@ def reward_model_accuracy(rm_dir: str | Path, data_path: str | Path, *, max_leng
         wins += int((scores[:k] > scores[k:]).sum())
         margin += float((scores[:k] - scores[k:]).sum())
     return {"accuracy": wins / len(rows), "mean_margin": margin / len(rows), "pairs": len(rows)}
+
+
+@torch.no_grad()
+def mean_policy_reward(model_dir: str | Path, prompts_path: str | Path, *, reward_model: str | None = None,
+                       reward_functions: list[str] | None = None, max_new_tokens: int = 24,
+                       temperature: float = 1.0, num_samples: int = 2, seed: int = 0,
+                       max_prompt_length: int = 96) -> dict[str, float]:
+    """Mean reward of a saved policy's sampled responses to held-out prompts (seeded, so two policies
+    are compared on the same prompts with the same sampling noise)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.config import DataConfig, DataSource
+    from alignkit.data import build_datasets
+    from alignkit.rewards import RewardConfig, build_reward
+    from alignkit.rollout import GenerationConfig, HFGenerateEngine
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = build_datasets(DataConfig(train=[DataSource(path=str(prompts_path))], max_length=max_prompt_length),
+                          tok, "prompt").train
+    engine = HFGenerateEngine(tok, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                    num_samples=num_samples, do_sample=temperature > 0))
+    reward = build_reward(RewardConfig(reward_model=reward_model, reward_functions=list(reward_functions or [])),
+                          tok, "cpu")
+    total, n, eos = 0.0, 0, 0
+    for i in range(0, len(rows), 16):
+        chunk = rows[i:i + 16]
+        rollout = engine.generate(model, [r["prompt_ids"] for r in chunk], seed=seed + i)
+        result = reward(rollout, chunk)
+        total += float(result.combined.sum())
+        n += len(result.combined)
+        eos += int(rollout.ended_with_eos.sum())
+    return {"mean_reward": total / n, "responses": n, "ended_with_eos": eos / n}

@@ -1,0 +1,194 @@
+"""Online RL throughput and peak memory: alignkit GRPO / RLOO vs TRL's GRPOTrainer / RLOOTrainer.
+
+Same model (SmolLM2-135M-Instruct), same prompts (openings of real movie reviews), samples per prompt,
+prompts per step, response length, temperature, KL coefficient (so both keep a reference model), one
+optimisation pass per rollout, the same function reward, fp32 on CPU (bf16 on CUDA), no gradient
+checkpointing. Each run is its own subprocess (peak memory = its max RSS, or max CUDA allocation).
+
+    python benchmarks/bench_rl.py --steps 6 --prompts 4 --samples 4 --max-new-tokens 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def positive_words(prompts, completions, **kwargs) -> list[float]:
+    """The benchmark's reward: share of words from a small positive lexicon (cheap, identical for both)."""
+    good = {"good", "great", "love", "best", "wonderful", "fun", "beautiful", "excellent", "enjoy", "amazing"}
+    out = []
+    for c in completions:
+        text = c[-1]["content"] if isinstance(c, list) else c  # TRL passes messages for chat prompts
+        words = text.lower().split()
+        out.append(sum(w.strip(".,!?") in good for w in words) / max(len(words), 1))
+    return out
+
+
+def _peak_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _setup(args) -> tuple[str, Path]:
+    from alignkit.assets import fetch
+    from alignkit.sentiment import load_reviews, prompts, split_reviews, write_jsonl
+
+    train, _ = split_reviews(load_reviews())
+    rows = prompts(train, args.prompts * (args.steps + args.warmup))
+    return str(fetch("smollm2-135m-instruct")), write_jsonl(rows, Path(args.work) / "prompts.jsonl")
+
+
+def run_alignkit(args, method: str) -> dict:
+    import alignkit
+
+    model_dir, data = _setup(args)
+    out = Path(args.work) / method
+    section = {"num_samples": args.samples, "rollout_batch_size": args.prompts, "max_new_tokens": args.max_new_tokens,
+               "temperature": 1.0, "kl_coef": 0.04, "ppo_epochs": 1,
+               "reward_functions": ["bench_rl:positive_words"]}
+    if method == "grpo":
+        section.update({"kl_penalty": "loss", "kl_estimator": "k3", "loss_agg": "seq-mean-token-mean"})
+    alignkit.train(method, model={"name_or_path": model_dir, "dtype": "float32"},
+                   data={"train": [str(data)], "max_length": 64},
+                   training={"output_dir": str(out), "max_steps": args.steps + args.warmup,
+                             "per_device_batch_size": args.prompts * args.samples, "learning_rate": 1e-6,
+                             "report_to": ["jsonl"], "mixed_precision": "bf16" if _bf16() else "no",
+                             "overwrite_output_dir": True, "lr_scheduler": "constant"},
+                   **{method: section})
+    times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    elapsed = times[-1] - times[args.warmup - 1]
+    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": _peak_mb()}
+
+
+def run_trl(args, method: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    model_dir, data = _setup(args)
+    rows = [{"prompt": json.loads(x)["prompt"]} for x in data.read_text().splitlines()]
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            marks.append(time.perf_counter())
+
+    common = dict(output_dir=str(Path(args.work) / f"trl-{method}"), per_device_train_batch_size=args.prompts * args.samples,
+                  num_generations=args.samples, max_completion_length=args.max_new_tokens, temperature=1.0,
+                  max_steps=args.steps + args.warmup, learning_rate=1e-6, beta=0.04, num_iterations=1,
+                  steps_per_generation=1, gradient_checkpointing=False, report_to="none", logging_steps=1,
+                  save_strategy="no", bf16=_bf16(), use_cpu=not _cuda(), seed=0, lr_scheduler_type="constant")
+    if method == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+
+        common["loss_type"] = "grpo"
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    trainer = Trainer(model=model, reward_funcs=positive_words, args=Config(**common),
+                      train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    elapsed = marks[-1] - marks[args.warmup - 1]
+    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": _peak_mb()}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+RUNS = {"alignkit-grpo": lambda a: run_alignkit(a, "grpo"), "trl-grpo": lambda a: run_trl(a, "grpo"),
+        "alignkit-rloo": lambda a: run_alignkit(a, "rloo"), "trl-rloo": lambda a: run_trl(a, "rloo")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--only", choices=list(RUNS), help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    if args.only:
+        print("RESULT " + json.dumps(RUNS[args.only](args)), flush=True)
+        return
+    results = {}
+    for name in RUNS:
+        with tempfile.TemporaryDirectory() as work:
+            cmd = [sys.executable, __file__, "--only", name, "--work", work, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--samples", str(args.samples),
+                   "--max-new-tokens", str(args.max_new_tokens)]
+            env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT / "benchmarks"))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(proc.stdout[-2000:], proc.stderr[-5000:], file=sys.stderr)
+                raise SystemExit(f"{name} failed")
+            results[name] = json.loads(line[0][7:])
+            print(f"{name:14s} {results[name]['samples_per_s']:8.2f} samples/s  peak {results[name]['peak_mb']:8.0f} MB",
+                  flush=True)
+    write_report(args, results)
+
+
+def write_report(args, results: dict) -> None:
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    lines = [f"### GRPO and RLOO ({time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, "
+             f"Python {platform.python_version()})", "",
+             f"SmolLM2-135M-Instruct, {args.prompts} prompts x {args.samples} samples per step, "
+             f"{args.max_new_tokens} new tokens, KL coefficient 0.04 (reference model kept), one update per "
+             f"rollout, function reward, {'bf16' if _bf16() else 'fp32'}, no gradient checkpointing, "
+             f"{args.steps} timed steps after {args.warmup} warm-up steps. Samples = completions.", "",
+             "| run | samples/s | peak memory (MB) | throughput vs TRL | memory vs TRL |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for method in ("grpo", "rloo"):
+        a, t = results[f"alignkit-{method}"], results[f"trl-{method}"]
+        lines.append(f"| alignkit {method.upper()} | {a['samples_per_s']:.2f} | {a['peak_mb']:.0f} | "
+                     f"{a['samples_per_s'] / t['samples_per_s']:.2f}x | {a['peak_mb'] / t['peak_mb']:.2f}x |")
+        lines.append(f"| TRL {method.upper()}Trainer | {t['samples_per_s']:.2f} | {t['peak_mb']:.0f} | 1.00x | 1.00x |")
+    section = "\n".join(lines) + "\n"
+    print("\n" + section)
+    out = Path(args.out)
+    text = out.read_text() if out.exists() else "# Benchmarks\n\n"
+    marker = "<!-- rl -->"
+    block = (f"{marker}\n`python benchmarks/bench_rl.py --steps {args.steps} --prompts {args.prompts} "
+             f"--samples {args.samples} --max-new-tokens {args.max_new_tokens}`\n\n{section}{marker}")
+    if marker in text:
+        pre, _, rest = text.partition(marker)
+        text = pre + block + rest.partition(marker)[2]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
