@@ -40,15 +40,6 @@ def sft_stage(out: Path, steps: int) -> dict:
     }
 
 
-def rm_stage(out: Path, files: dict, steps: int) -> dict:
-    return {
-        "model": {"name_or_path": "all-minilm-l6-v2", "dtype": "float32"},
-        "data": {"train": [str(files["rm_train"])], "eval": [str(files["rm_eval"])], "max_length": 96},
-        "training": {"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 16,
-                     "learning_rate": 5e-5, "warmup_steps": 5, "overwrite_output_dir": True},
-    }
-
-
 def ppo_stage(out: Path, policy: Path, reward_model: Path, files: dict, steps: int) -> dict:
     return {
         "model": {"name_or_path": str(policy), "dtype": "float32"},
@@ -70,7 +61,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None) 
     from alignkit.api import train
     from alignkit.assets import fetch
     from alignkit.evaluation import reward_model_accuracy
-    from alignkit.sentiment import write_task_files
+    from alignkit.sentiment import train_reward_model, write_task_files
 
     out = Path(output_dir)
     t0 = time.time()
@@ -86,7 +77,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None) 
           f"held-out loss {sft['eval'].get('eval/loss', float('nan')):.3f}")
 
     print("\n[2/3] Reward model: all-MiniLM-L6-v2 on movie reviews ordered by human sentiment scores", flush=True)
-    train("rm", **rm_stage(out / "rm", files, 60))
+    train_reward_model(files["rm_train"], out / "rm", steps=60, rm_eval=files["rm_eval"])
     rm_acc = reward_model_accuracy(out / "rm", files["rm_eval"], max_length=96)
     print(f"RM: held-out pairwise accuracy {rm_acc['accuracy']:.1%} on {rm_acc['pairs']} pairs")
 

@@ -114,3 +114,17 @@ def write_task_files(out_dir: str | Path, *, n_rm: int = 2000, n_pairs: int = 51
         "prompts_train": write_jsonl(prompts(train, n_prompts, seed), out / "prompts_train.jsonl"),
         "prompts_eval": write_jsonl(prompts(held, min(n_eval, 64), seed + 1), out / "prompts_eval.jsonl"),
     }
+
+
+def train_reward_model(rm_train: str | Path, out: str | Path, *, steps: int = 100, rm_eval: str | Path | None = None,
+                       backbone: str = "all-minilm-l6-v2", max_length: int = 96) -> Path:
+    """Train the task's sentiment reward model (pairwise, on an encoder with its own tokenizer)."""
+    from alignkit.api import train
+
+    data = {"train": [str(rm_train)], "max_length": max_length}
+    if rm_eval:
+        data["eval"] = [str(rm_eval)]
+    train("rm", model={"name_or_path": backbone, "dtype": "float32"}, data=data,
+          training={"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 16, "learning_rate": 5e-5,
+                    "warmup_steps": 5, "overwrite_output_dir": True})
+    return Path(out)

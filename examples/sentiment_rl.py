@@ -17,15 +17,7 @@ from pathlib import Path
 
 import alignkit
 from alignkit.evaluation import mean_policy_reward
-from alignkit.sentiment import write_task_files
-
-
-def train_rm(files: dict, out: Path) -> Path:
-    alignkit.train("rm", model={"name_or_path": "all-minilm-l6-v2", "dtype": "float32"},
-                   data={"train": [str(files["rm_train"])], "max_length": 96},
-                   training={"output_dir": str(out), "max_steps": 100, "per_device_batch_size": 16,
-                             "learning_rate": 5e-5, "warmup_steps": 5, "overwrite_output_dir": True})
-    return out
+from alignkit.sentiment import train_reward_model, write_task_files
 
 
 def run_method(method: str, files: dict, rm: Path, out: Path, steps: int) -> list[dict]:
@@ -75,7 +67,7 @@ def main() -> None:
     out = Path(args.out)
     t0 = time.time()
     files = write_task_files(out / "data")
-    rm = Path(args.reward_model) if args.reward_model else train_rm(files, out / "rm")
+    rm = Path(args.reward_model) if args.reward_model else train_reward_model(files["rm_train"], out / "rm")
     from alignkit.assets import fetch
 
     evaluate = dict(reward_model=str(rm), max_new_tokens=20)
