@@ -417,6 +417,53 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+def zero_grad_backward(accelerator, model) -> None:
+    """A backward of 0 (DeepSpeed counts micro-steps: a skipped micro-batch must still call backward)."""
+    accelerator.backward(sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0)
+
+
+def is_bad(accelerator, loss: torch.Tensor) -> bool:
+    """True on every process when the loss is NaN/Inf on any process."""
+    return any_process(accelerator, not bool(torch.isfinite(loss.detach()).all()))
+
+
+def optimizer_update(accelerator, model, optimizer, scheduler, state: TrainState, t, *, bad: bool,
+                     tracker) -> float | None:
+    """Clip, step and zero the gradients of one minibatch; returns the gradient norm (None when unknown).
+
+    A minibatch with a NaN/Inf loss or gradient is skipped (the engine's NaN guard); after
+    ``training.max_nonfinite_updates`` such updates in a row the run stops with a TrainingError.
+    """
+    use_ds = is_deepspeed(accelerator)
+    grad_norm = None
+    if not bad and t.max_grad_norm > 0 and not use_ds:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            bad = any_process(accelerator, True)
+    elif use_ds and hasattr(model, "get_global_grad_norm"):
+        grad_norm = model.get_global_grad_norm()
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_in_a_row += 1
+        state.skipped_updates += 1
+        tracker.write(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
+                      f"({state.nonfinite_in_a_row} in a row)")
+        if state.nonfinite_in_a_row >= t.max_nonfinite_updates:
+            ckpts = list_checkpoints(t.output_dir)
+            last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+            tracker.close()
+            raise TrainingError(
+                f"{state.nonfinite_in_a_row} updates in a row had a NaN/Inf loss or gradient (at step "
+                f"{state.step + 1}); {last}. Lower training.learning_rate, use mixed_precision=bf16 instead of "
+                "fp16, or raise training.max_nonfinite_updates.")
+        return None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_in_a_row = 0
+    return None if grad_norm is None else float(grad_norm)
+
+
 def evaluate(accelerator, model, method: OfflineMethod, rows: list[dict], batch_size: int) -> dict[str, float]:
     """Global means of the method's loss and metrics over the eval rows."""
     was_training = model.training
@@ -501,44 +548,20 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
             tokens += method.count_tokens(b)
             with accelerator.accumulate(model):
                 loss, metrics = method.loss(model, b)
-                micro_bad = any_process(accelerator, not bool(torch.isfinite(loss.detach()).all()))
-                if micro_bad:
+                if is_bad(accelerator, loss):
                     bad = True
-                    if use_ds:  # keep DeepSpeed's micro-step count aligned: a zero-gradient backward
-                        accelerator.backward(sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0)
+                    if use_ds:
+                        zero_grad_backward(accelerator, model)
                     continue
                 accelerator.backward(loss / norm)
                 loss_sum += float(loss.detach())
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-        grad_norm = None
-        if not bad and t.max_grad_norm > 0 and not use_ds:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                bad = any_process(accelerator, True)
-        elif use_ds and hasattr(model, "get_global_grad_norm"):
-            grad_norm = model.get_global_grad_norm()
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_in_a_row += 1
-            state.skipped_updates += 1
-            tracker.write(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
-                          f"({state.nonfinite_in_a_row} in a row)")
-            if state.nonfinite_in_a_row >= t.max_nonfinite_updates:
-                ckpts = list_checkpoints(out)
-                last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-                tracker.close()
-                raise TrainingError(
-                    f"{state.nonfinite_in_a_row} updates in a row had a NaN/Inf loss or gradient (at step "
-                    f"{state.step + 1}); {last}. Lower training.learning_rate, use mixed_precision=bf16 "
-                    "instead of fp16, check the data for empty completions, or raise training.max_nonfinite_updates."
-                )
+        skipped_before = state.skipped_updates
+        grad_norm = optimizer_update(accelerator, model, optimizer, scheduler, state, t, bad=bad, tracker=tracker)
+        if state.skipped_updates > skipped_before:
             continue
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.nonfinite_in_a_row = 0
         state.tokens_seen += tokens
         tokens_window += tokens
         tracker.advance()

@@ -37,9 +37,12 @@ from alignkit.engine import (
     TrainState,
     build_optimizer,
     build_scheduler,
+    is_bad,
     is_deepspeed,
+    optimizer_update,
     prepare_frozen,
     setup_accelerator,
+    zero_grad_backward,
 )
 from alignkit.losses.rl import (
     grpo_advantages,
@@ -57,10 +60,8 @@ from alignkit.online import (
     build_kl_controller,
     disable_dropout,
     global_counts,
-    is_bad,
     loss_items,
     minibatches,
-    optimizer_update,
     policy_terms,
     prompt_stream,
     reference_logps,
@@ -74,7 +75,6 @@ from alignkit.online import (
     total_steps,
     updates_per_rollout,
     write_samples,
-    zero_grad_backward,
 )
 
 logger = logging.getLogger("alignkit")

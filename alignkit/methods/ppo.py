@@ -41,9 +41,12 @@ from alignkit.engine import (
     TrainState,
     build_optimizer,
     build_scheduler,
+    is_bad,
     is_deepspeed,
+    optimizer_update,
     prepare_frozen,
     setup_accelerator,
+    zero_grad_backward,
     zero_stage,
 )
 from alignkit.losses.rl import gae, kl_estimate, masked_whiten, per_token_rewards, value_loss
@@ -56,10 +59,8 @@ from alignkit.online import (
     build_kl_controller,
     disable_dropout,
     global_counts,
-    is_bad,
     loss_items,
     minibatches,
-    optimizer_update,
     policy_terms,
     prompt_stream,
     reference_logps,
@@ -73,7 +74,6 @@ from alignkit.online import (
     total_steps,
     updates_per_rollout,
     write_samples,
-    zero_grad_backward,
 )
 
 logger = logging.getLogger("alignkit")
