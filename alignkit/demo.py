@@ -45,7 +45,7 @@ def ppo_stage(out: Path, policy: Path, reward_model: Path, files: dict, steps: i
         "model": {"name_or_path": str(policy), "dtype": "float32"},
         "data": {"train": [str(files["prompts_train"])], "max_length": 96},
         "training": {"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 8,
-                     "learning_rate": 3e-6, "overwrite_output_dir": True, "lr_scheduler": "constant"},
+                     "learning_rate": 1e-5, "overwrite_output_dir": True, "lr_scheduler": "constant"},
         "ppo": {"reward_model": str(reward_model), "max_new_tokens": 20, "rollout_batch_size": 8,
                 "ppo_epochs": 2, "kl_coef": 0.05, "temperature": 1.0, "missing_eos_penalty": 0.0,
                 "log_samples": 2},
