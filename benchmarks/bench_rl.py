@@ -114,6 +114,83 @@ def run_trl(args, method: str) -> dict:
     return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": _peak_mb()}
 
 
+def run_alignkit_ppo(args) -> dict:
+    import alignkit
+
+    model_dir, data = _setup(args)
+    out = Path(args.work) / "ppo"
+    alignkit.train("ppo", model={"name_or_path": model_dir, "dtype": "float32"},
+                   data={"train": [str(data)], "max_length": 64},
+                   training={"output_dir": str(out), "max_steps": args.steps + args.warmup,
+                             "per_device_batch_size": args.prompts * args.samples, "learning_rate": 1e-6,
+                             "report_to": ["jsonl"], "mixed_precision": "bf16" if _bf16() else "no",
+                             "overwrite_output_dir": True, "lr_scheduler": "constant"},
+                   ppo={"num_samples": 1, "rollout_batch_size": args.prompts * args.samples, "ppo_epochs": 1,
+                        "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "kl_coef": 0.04,
+                        "reward_functions": ["bench_rl:positive_words"]})
+    times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    elapsed = times[-1] - times[args.warmup - 1]
+    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": _peak_mb()}
+
+
+def run_floor_ppo(args) -> dict:
+    """What one PPO step cannot avoid: generate; reference, policy and critic forwards for the rollout;
+    one clipped policy + value update (forward and backward of policy and critic); AdamW."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir, data = _setup(args)
+    device = "cuda" if _cuda() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    critic = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32).to(device)
+    critic.config.pad_token_id = tok.pad_token_id
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=1e-6)
+    prompts = [json.loads(x)["prompt"] for x in data.read_text().splitlines()]
+    n = args.prompts * args.samples
+    marks = []
+    for step in range(args.steps + args.warmup):
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in (prompts * n)[step * n:(step + 1) * n]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        policy.eval()
+        with torch.no_grad():
+            seq = policy.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+                                  pad_token_id=tok.pad_token_id)
+        P = enc["input_ids"].shape[1]
+        attn = torch.cat([enc["attention_mask"], torch.ones_like(seq[:, P:])], 1)
+        completions = tok.batch_decode(seq[:, P:], skip_special_tokens=True)
+        reward = torch.tensor(positive_words(texts, completions), device=device)
+
+        def logps(model, seq=seq, attn=attn, P=P):
+            logits = model(input_ids=seq, attention_mask=attn).logits[:, P - 1:-1].float()
+            return torch.gather(logits.log_softmax(-1), 2, seq[:, P:].unsqueeze(-1)).squeeze(-1)
+
+        def values(seq=seq, attn=attn, P=P):
+            h = critic.model(input_ids=seq, attention_mask=attn).last_hidden_state
+            return critic.score(h).squeeze(-1)[:, P - 1:-1]
+
+        with torch.no_grad():
+            ref_lp, old_lp, old_v = logps(ref), logps(policy), values()
+        adv = (reward.unsqueeze(1) - 0.04 * (old_lp - ref_lp)) - old_v
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        policy.train()
+        lp = logps(policy)
+        ratio = (lp - old_lp).exp()
+        p_loss = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+        v_loss = 0.5 * (values() - (adv + old_v)).pow(2).mean()
+        (p_loss + 0.1 * v_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+    elapsed = marks[-1] - marks[args.warmup - 1]
+    return {"samples_per_s": n * args.steps / elapsed, "peak_mb": _peak_mb()}
+
+
 def _cuda() -> bool:
     import torch
 
@@ -121,7 +198,10 @@ def _cuda() -> bool:
 
 
 RUNS = {"alignkit-grpo": lambda a: run_alignkit(a, "grpo"), "trl-grpo": lambda a: run_trl(a, "grpo"),
-        "alignkit-rloo": lambda a: run_alignkit(a, "rloo"), "trl-rloo": lambda a: run_trl(a, "rloo")}
+        "alignkit-rloo": lambda a: run_alignkit(a, "rloo"), "trl-rloo": lambda a: run_trl(a, "rloo"),
+        "alignkit-ppo": run_alignkit_ppo, "floor-ppo": run_floor_ppo}
+SUITES = {"grpo-rloo": ["alignkit-grpo", "trl-grpo", "alignkit-rloo", "trl-rloo"],
+          "ppo": ["alignkit-ppo", "floor-ppo"]}
 
 
 def main() -> None:
@@ -131,6 +211,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--suite", choices=list(SUITES), default="grpo-rloo")
     ap.add_argument("--only", choices=list(RUNS), help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -139,7 +220,7 @@ def main() -> None:
         print("RESULT " + json.dumps(RUNS[args.only](args)), flush=True)
         return
     results = {}
-    for name in RUNS:
+    for name in SUITES[args.suite]:
         with tempfile.TemporaryDirectory() as work:
             cmd = [sys.executable, __file__, "--only", name, "--work", work, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--samples", str(args.samples),
@@ -157,6 +238,8 @@ def main() -> None:
 
 
 def write_report(args, results: dict) -> None:
+    if args.suite == "ppo":
+        return write_ppo_report(args, results)
     import platform
 
     import torch
@@ -181,6 +264,39 @@ def write_report(args, results: dict) -> None:
     text = out.read_text() if out.exists() else "# Benchmarks\n\n"
     marker = "<!-- rl -->"
     block = (f"{marker}\n`python benchmarks/bench_rl.py --steps {args.steps} --prompts {args.prompts} "
+             f"--samples {args.samples} --max-new-tokens {args.max_new_tokens}`\n\n{section}{marker}")
+    if marker in text:
+        pre, _, rest = text.partition(marker)
+        text = pre + block + rest.partition(marker)[2]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    out.write_text(text)
+
+
+def write_ppo_report(args, results: dict) -> None:
+    import platform
+
+    import torch
+
+    a, f = results["alignkit-ppo"], results["floor-ppo"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    section = "\n".join([
+        f"### PPO vs its floor ({time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, "
+        f"Python {platform.python_version()})", "",
+        f"SmolLM2-135M-Instruct policy, critic and reference; {args.prompts * args.samples} prompts per step, "
+        f"{args.max_new_tokens} new tokens, one PPO epoch of one minibatch, function reward, "
+        f"{'bf16' if _bf16() else 'fp32'}. The floor is plain PyTorch doing only generation, the reference / "
+        "old-policy / critic forwards and one policy + value update.", "",
+        "| run | samples/s | peak memory (MB) | throughput vs floor | memory vs floor |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| alignkit PPO | {a['samples_per_s']:.2f} | {a['peak_mb']:.0f} | {a['samples_per_s'] / f['samples_per_s']:.2f}x "
+        f"| {a['peak_mb'] / f['peak_mb']:.2f}x |",
+        f"| bare PyTorch floor | {f['samples_per_s']:.2f} | {f['peak_mb']:.0f} | 1.00x | 1.00x |", ""])
+    print("\n" + section)
+    out = Path(args.out)
+    text = out.read_text() if out.exists() else "# Benchmarks\n\n"
+    marker = "<!-- ppo -->"
+    block = (f"{marker}\n`python benchmarks/bench_rl.py --suite ppo --steps {args.steps} --prompts {args.prompts} "
              f"--samples {args.samples} --max-new-tokens {args.max_new_tokens}`\n\n{section}{marker}")
     if marker in text:
         pre, _, rest = text.partition(marker)
