@@ -186,10 +186,10 @@ def write_report(args, results: dict) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     memkind = "max allocated (CUDA)" if torch.cuda.is_available() else "max RSS"
     lines = [
-        f"### DPO ({time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, {platform.python_version()})",
+        f"### DPO ({time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, Python {platform.python_version()})",
         "",
         f"SmolLM2-135M-Instruct, full fine-tuning + frozen reference copy, batch {args.batch} pairs, "
-        f"max_length {args.max_length}, {_precision()} precision, no gradient checkpointing, "
+        f"max_length {args.max_length}, {'bf16' if _precision() == 'bf16' else 'fp32'}, no gradient checkpointing, "
         f"{args.steps} timed steps after {args.warmup} warm-up steps. Peak memory: {memkind}.",
         "",
         "| run | samples/s | peak memory (MB) | throughput vs TRL | memory vs TRL |",
