@@ -39,7 +39,7 @@ def half_depth_student(teacher_dir: Path, out: Path) -> Path:
     return out
 
 
-def distill(method: str, student: Path, out: Path, steps: int) -> dict:
+def distill(method: str, student: Path, out: Path, steps: int, lr: float) -> dict:
     section = {"teacher": "smollm2-135m-instruct", "eval_before": True}
     if method == "gkd":
         section.update({"lmbda": 0.5, "beta": 0.5, "max_new_tokens": 32})
@@ -48,10 +48,10 @@ def distill(method: str, student: Path, out: Path, steps: int) -> dict:
     res = alignkit.train(method, model={"name_or_path": str(student), "dtype": "float32"},
                          data={"train": [{"path": "alpaca-demo", "limit": 600}], "eval_split": 48, "max_length": 192},
                          training={"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 4,
-                                   "learning_rate": 1e-4, "warmup_steps": 3, "overwrite_output_dir": True},
+                                   "learning_rate": lr, "warmup_steps": 3, "overwrite_output_dir": True},
                          **{method: section})
     return {"kl_to_teacher_before": res["eval_before"].get("eval/kl_to_teacher"),
-            "kl_to_teacher_after": res["eval"].get("eval/kl_to_teacher"), "steps": steps}
+            "kl_to_teacher_after": res["eval"].get("eval/kl_to_teacher"), "steps": steps, "lr": lr}
 
 
 def best_of_n(files: dict, rm: Path, out: Path, n: int) -> dict:
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--reward-model", help="sentiment RM folder (examples/sentiment_preference.py makes one)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--parts", default="kd,gkd,best_of_n")
     args = ap.parse_args()
     out = Path(args.out)
@@ -81,7 +82,7 @@ def main() -> None:
         student = half_depth_student(fetch("smollm2-135m-instruct"), out / "student-init")
         for method in ("kd", "gkd"):
             if method in parts:
-                results[method] = distill(method, student, out / method, args.steps)
+                results[method] = distill(method, student, out / method, args.steps, args.lr)
                 print(f"{method}:", results[method], flush=True)
     if "best_of_n" in parts:
         files = write_task_files(out / "data")
