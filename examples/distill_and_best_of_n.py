@@ -39,10 +39,10 @@ def half_depth_student(teacher_dir: Path, out: Path) -> Path:
     return out
 
 
-def distill(method: str, student: Path, out: Path, steps: int, lr: float) -> dict:
+def distill(method: str, student: Path, out: Path, steps: int, lr: float, gkd_beta: float = 0.5) -> dict:
     section = {"teacher": "smollm2-135m-instruct", "eval_before": True}
     if method == "gkd":
-        section.update({"lmbda": 0.5, "beta": 0.5, "max_new_tokens": 32})
+        section.update({"lmbda": 0.5, "beta": gkd_beta, "max_new_tokens": 32})
     else:
         section.update({"divergence": "forward_kl"})
     res = alignkit.train(method, model={"name_or_path": str(student), "dtype": "float32"},
@@ -51,7 +51,8 @@ def distill(method: str, student: Path, out: Path, steps: int, lr: float) -> dic
                                    "learning_rate": lr, "warmup_steps": 3, "overwrite_output_dir": True},
                          **{method: section})
     return {"kl_to_teacher_before": res["eval_before"].get("eval/kl_to_teacher"),
-            "kl_to_teacher_after": res["eval"].get("eval/kl_to_teacher"), "steps": steps, "lr": lr}
+            "kl_to_teacher_after": res["eval"].get("eval/kl_to_teacher"), "steps": steps, "lr": lr,
+            **({"beta": gkd_beta} if method == "gkd" else {})}
 
 
 def best_of_n(files: dict, rm: Path, out: Path, n: int) -> dict:
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--gkd-beta", type=float, default=0.5, help="GKD beta: 0 forward KL, 1 reverse KL, else JSD")
     ap.add_argument("--parts", default="kd,gkd,best_of_n")
     args = ap.parse_args()
     out = Path(args.out)
@@ -82,7 +84,7 @@ def main() -> None:
         student = half_depth_student(fetch("smollm2-135m-instruct"), out / "student-init")
         for method in ("kd", "gkd"):
             if method in parts:
-                results[method] = distill(method, student, out / method, args.steps, args.lr)
+                results[method] = distill(method, student, out / method, args.steps, args.lr, args.gkd_beta)
                 print(f"{method}:", results[method], flush=True)
     if "best_of_n" in parts:
         files = write_task_files(out / "data")
