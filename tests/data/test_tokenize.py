@@ -255,3 +255,22 @@ def test_template_exceptions_become_data_errors():
     with pytest.raises(DataError, match="field 'chat_template': the chat template failed .*System role not supported"):
         tokenize_example({"messages": [{"role": "system", "content": "s"}, u("q"), a("x")]}, tok, "sft",
                          max_length=64)
+
+
+def test_preference_margin_column_reaches_the_tokenized_row(tmp_path):
+    import json
+
+    from alignkit.config import DataConfig, DataSource
+    from alignkit.data import DataError, build_datasets
+    from alignkit.testing import tiny_tokenizer
+
+    rows = [{"prompt": "a cat", "chosen": " good", "rejected": " bad", "margin": 2.5},
+            {"prompt": "a dog", "chosen": " good", "rejected": " bad"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = build_datasets(DataConfig(train=[DataSource(path=str(path))]), tiny_tokenizer(), "preference").train
+    margins = sorted(r.get("margin") for r in out if "margin" in r)
+    assert margins == [2.5] and len(out) == 2
+    path.write_text(json.dumps({**rows[0], "margin": "big"}) + "\n")
+    with pytest.raises(DataError, match="margin"):
+        build_datasets(DataConfig(train=[DataSource(path=str(path))]), tiny_tokenizer(), "preference")
