@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import bf16, cuda, peak_mb, write_section  # noqa: E402
 
 
 def _setup(args) -> tuple[str, Path]:
@@ -43,9 +37,7 @@ def _setup(args) -> tuple[str, Path]:
 
 
 def _precision() -> str:
-    import torch
-
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if bf16() else "no"
 
 
 def run_alignkit(args) -> dict:
@@ -61,7 +53,7 @@ def run_alignkit(args) -> dict:
                    dpo={"beta": 0.1})
     times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     elapsed = times[-1] - times[args.warmup - 1]
-    return {"samples_per_s": args.batch * args.steps / elapsed, "peak_mb": _peak_memory_mb()}
+    return {"samples_per_s": args.batch * args.steps / elapsed, "peak_mb": peak_mb()}
 
 
 def run_trl(args) -> dict:
@@ -81,14 +73,14 @@ def run_trl(args) -> dict:
     cfg = DPOConfig(output_dir=str(Path(args.work) / "trl"), per_device_train_batch_size=args.batch,
                     max_steps=args.steps + args.warmup, learning_rate=1e-6, beta=0.1, max_length=args.max_length,
                     gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
-                    bf16=bf16, use_cpu=not _cuda(), seed=0, dataloader_num_workers=0)
+                    bf16=bf16, use_cpu=not cuda(), seed=0, dataloader_num_workers=0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[Clock()])
     trainer.train()
     elapsed = marks[-1] - marks[args.warmup - 1]
-    return {"samples_per_s": args.batch * args.steps / elapsed, "peak_mb": _peak_memory_mb()}
+    return {"samples_per_s": args.batch * args.steps / elapsed, "peak_mb": peak_mb()}
 
 
 def run_floor(args) -> dict:
@@ -102,7 +94,7 @@ def run_floor(args) -> dict:
     from alignkit.methods.preference import pad_rows
 
     model_dir, data = _setup(args)
-    device = "cuda" if _cuda() else "cpu"
+    device = "cuda" if cuda() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = build_datasets(DataConfig(train=[DataSource(path=str(data))], max_length=args.max_length), tok,
                           "preference").train
@@ -138,13 +130,7 @@ def run_floor(args) -> dict:
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
     elapsed = marks[-1] - marks[args.warmup - 1]
-    return {"samples_per_s": args.batch * args.steps / elapsed, "peak_mb": _peak_memory_mb()}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return {"samples_per_s": args.batch * args.steps / elapsed, "peak_mb": peak_mb()}
 
 
 RUNNERS = {"alignkit": run_alignkit, "trl": run_trl, "floor": run_floor}
@@ -201,20 +187,8 @@ def write_report(args, results: dict) -> None:
     lines += ["", f"alignkit reaches {a['samples_per_s'] / f['samples_per_s']:.0%} of the floor's throughput.", ""]
     section = "\n".join(lines)
     print("\n" + section)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\nRegenerate with the commands in each section.\n\n"
-    marker = "<!-- dpo -->"
-    block = f"{marker}\n`python benchmarks/bench_dpo.py --steps {args.steps} --batch {args.batch} " \
-            f"--max-length {args.max_length}`\n\n{section}{marker}"
-    if marker in text:
-        pre, _, rest = text.partition(marker)
-        _, _, post = rest.partition(marker)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-
+    write_section(args.out, "dpo", f"python benchmarks/bench_dpo.py --steps {args.steps} --batch {args.batch} "
+                  f"--max-length {args.max_length}", section)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import bf16, cuda, peak_mb, write_section  # noqa: E402
 
 
 def positive_words(prompts, completions, **kwargs) -> list[float]:
@@ -33,20 +34,6 @@ def positive_words(prompts, completions, **kwargs) -> list[float]:
         words = text.lower().split()
         out.append(sum(w.strip(".,!?") in good for w in words) / max(len(words), 1))
     return out
-
-
-def _peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _setup(args) -> tuple[str, Path]:
@@ -72,12 +59,12 @@ def run_alignkit(args, method: str) -> dict:
                    data={"train": [str(data)], "max_length": 64},
                    training={"output_dir": str(out), "max_steps": args.steps + args.warmup,
                              "per_device_batch_size": args.prompts * args.samples, "learning_rate": 1e-6,
-                             "report_to": ["jsonl"], "mixed_precision": "bf16" if _bf16() else "no",
+                             "report_to": ["jsonl"], "mixed_precision": "bf16" if bf16() else "no",
                              "overwrite_output_dir": True, "lr_scheduler": "constant"},
                    **{method: section})
     times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     elapsed = times[-1] - times[args.warmup - 1]
-    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": _peak_mb()}
+    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": peak_mb()}
 
 
 def run_trl(args, method: str) -> dict:
@@ -96,7 +83,7 @@ def run_trl(args, method: str) -> dict:
                   num_generations=args.samples, max_completion_length=args.max_new_tokens, temperature=1.0,
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, beta=0.04, num_iterations=1,
                   steps_per_generation=1, gradient_checkpointing=False, report_to="none", logging_steps=1,
-                  save_strategy="no", bf16=_bf16(), use_cpu=not _cuda(), seed=0, lr_scheduler_type="constant")
+                  save_strategy="no", bf16=bf16(), use_cpu=not cuda(), seed=0, lr_scheduler_type="constant")
     if method == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer
@@ -111,7 +98,7 @@ def run_trl(args, method: str) -> dict:
                       train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
     trainer.train()
     elapsed = marks[-1] - marks[args.warmup - 1]
-    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": _peak_mb()}
+    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": peak_mb()}
 
 
 def run_alignkit_ppo(args) -> dict:
@@ -123,14 +110,14 @@ def run_alignkit_ppo(args) -> dict:
                    data={"train": [str(data)], "max_length": 64},
                    training={"output_dir": str(out), "max_steps": args.steps + args.warmup,
                              "per_device_batch_size": args.prompts * args.samples, "learning_rate": 1e-6,
-                             "report_to": ["jsonl"], "mixed_precision": "bf16" if _bf16() else "no",
+                             "report_to": ["jsonl"], "mixed_precision": "bf16" if bf16() else "no",
                              "overwrite_output_dir": True, "lr_scheduler": "constant"},
                    ppo={"num_samples": 1, "rollout_batch_size": args.prompts * args.samples, "ppo_epochs": 1,
                         "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "kl_coef": 0.04,
                         "reward_functions": ["bench_rl:positive_words"]})
     times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     elapsed = times[-1] - times[args.warmup - 1]
-    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": _peak_mb()}
+    return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": peak_mb()}
 
 
 def run_floor_ppo(args) -> dict:
@@ -140,7 +127,7 @@ def run_floor_ppo(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir, data = _setup(args)
-    device = "cuda" if _cuda() else "cpu"
+    device = "cuda" if cuda() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
@@ -188,13 +175,7 @@ def run_floor_ppo(args) -> dict:
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
     elapsed = marks[-1] - marks[args.warmup - 1]
-    return {"samples_per_s": n * args.steps / elapsed, "peak_mb": _peak_mb()}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return {"samples_per_s": n * args.steps / elapsed, "peak_mb": peak_mb()}
 
 
 RUNS = {"alignkit-grpo": lambda a: run_alignkit(a, "grpo"), "trl-grpo": lambda a: run_trl(a, "grpo"),
@@ -249,7 +230,7 @@ def write_report(args, results: dict) -> None:
              f"Python {platform.python_version()})", "",
              f"SmolLM2-135M-Instruct, {args.prompts} prompts x {args.samples} samples per step, "
              f"{args.max_new_tokens} new tokens, KL coefficient 0.04 (reference model kept), one update per "
-             f"rollout, function reward, {'bf16' if _bf16() else 'fp32'}, no gradient checkpointing, "
+             f"rollout, function reward, {'bf16' if bf16() else 'fp32'}, no gradient checkpointing, "
              f"{args.steps} timed steps after {args.warmup} warm-up steps. Samples = completions.", "",
              "| run | samples/s | peak memory (MB) | throughput vs TRL | memory vs TRL |",
              "| --- | ---: | ---: | ---: | ---: |"]
@@ -260,17 +241,8 @@ def write_report(args, results: dict) -> None:
         lines.append(f"| TRL {method.upper()}Trainer | {t['samples_per_s']:.2f} | {t['peak_mb']:.0f} | 1.00x | 1.00x |")
     section = "\n".join(lines) + "\n"
     print("\n" + section)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    marker = "<!-- rl -->"
-    block = (f"{marker}\n`python benchmarks/bench_rl.py --steps {args.steps} --prompts {args.prompts} "
-             f"--samples {args.samples} --max-new-tokens {args.max_new_tokens}`\n\n{section}{marker}")
-    if marker in text:
-        pre, _, rest = text.partition(marker)
-        text = pre + block + rest.partition(marker)[2]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    out.write_text(text)
+    write_section(args.out, "rl", f"python benchmarks/bench_rl.py --steps {args.steps} --prompts {args.prompts} "
+                  f"--samples {args.samples} --max-new-tokens {args.max_new_tokens}", section)
 
 
 def write_ppo_report(args, results: dict) -> None:
@@ -285,7 +257,7 @@ def write_ppo_report(args, results: dict) -> None:
         f"Python {platform.python_version()})", "",
         f"SmolLM2-135M-Instruct policy, critic and reference; {args.prompts * args.samples} prompts per step, "
         f"{args.max_new_tokens} new tokens, one PPO epoch of one minibatch, function reward, "
-        f"{'bf16' if _bf16() else 'fp32'}. The floor is plain PyTorch doing only generation, the reference / "
+        f"{'bf16' if bf16() else 'fp32'}. The floor is plain PyTorch doing only generation, the reference / "
         "old-policy / critic forwards and one policy + value update.", "",
         "| run | samples/s | peak memory (MB) | throughput vs floor | memory vs floor |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -293,17 +265,8 @@ def write_ppo_report(args, results: dict) -> None:
         f"| {a['peak_mb'] / f['peak_mb']:.2f}x |",
         f"| bare PyTorch floor | {f['samples_per_s']:.2f} | {f['peak_mb']:.0f} | 1.00x | 1.00x |", ""])
     print("\n" + section)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    marker = "<!-- ppo -->"
-    block = (f"{marker}\n`python benchmarks/bench_rl.py --suite ppo --steps {args.steps} --prompts {args.prompts} "
-             f"--samples {args.samples} --max-new-tokens {args.max_new_tokens}`\n\n{section}{marker}")
-    if marker in text:
-        pre, _, rest = text.partition(marker)
-        text = pre + block + rest.partition(marker)[2]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    out.write_text(text)
+    write_section(args.out, "ppo", f"python benchmarks/bench_rl.py --suite ppo --steps {args.steps} --prompts {args.prompts} "
+                  f"--samples {args.samples} --max-new-tokens {args.max_new_tokens}", section)
 
 
 if __name__ == "__main__":
