@@ -40,12 +40,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignkit.errors import AlignkitError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "alignkit-asset.json"
 
 
-class AssetError(RuntimeError):
+class AssetError(AlignkitError, RuntimeError):
     """An asset is unknown, cannot be downloaded, or its contents are not what was expected."""
 
 

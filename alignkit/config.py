@@ -23,8 +23,10 @@ from typing import Any, Union
 
 import yaml
 
+from alignkit.errors import AlignkitError
 
-class ConfigError(ValueError):
+
+class ConfigError(AlignkitError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 

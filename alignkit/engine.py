@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from alignkit.config import RunConfig, TrainingConfig
+from alignkit.errors import AlignkitError
 from alignkit.tracking import Tracker
 
 logger = logging.getLogger("alignkit")
@@ -39,7 +40,7 @@ STATE_FILE = "alignkit_state.json"  # written last: its presence marks a complet
 CONFIG_FILE = "alignkit_config.yaml"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AlignkitError, RuntimeError):
     """Training cannot continue; the message says why and what to do."""
 
 

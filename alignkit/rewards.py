@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from alignkit.config import ConfigError, opt
+from alignkit.errors import AlignkitError
 from alignkit.rollout import Rollout
 
 logger = logging.getLogger("alignkit")
@@ -46,7 +47,7 @@ NORMALIZE_CHOICES = ("none", "batch", "running")
 MEAN_KEY, STD_KEY = "alignkit_reward_mean", "alignkit_reward_std"  # written into the RM's config by its trainer
 
 
-class RewardError(RuntimeError):
+class RewardError(AlignkitError, RuntimeError):
     """A reward source failed or returned something unusable; the message names the source."""
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.config import DataSource
+from alignkit.errors import AlignkitError
 
 logger = logging.getLogger("alignkit")
 
 FILE_TYPES = (".json", ".jsonl", ".ndjson", ".parquet", ".pq", ".csv", ".tsv")
 
 
-class DataError(ValueError):
+class DataError(AlignkitError, ValueError):
     """A data row or source is unusable. The message names the source, row and field, and the fix."""
 
     def __init__(self, problem: str, *, origin: Row | None = None, source: str | None = None,
