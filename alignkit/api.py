@@ -11,7 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import RunConfig, build_config, load_config
+from alignkit import config
+from alignkit.config import RunConfig
+from alignkit.methods import config_class, runner
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -29,16 +31,26 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
-def train(config: RunConfig | str, path: str | Path | None = None, overrides: list[str] | None = None,
+def build_config(method: str, raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A validated RunConfig for ``method`` from a plain dict (YAML sections) and ``section.key=value`` overrides."""
+    return config.build_config(method, config_class(method), raw, overrides)
+
+
+def load_config(method: str, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config file (optional) for ``method`` and apply ``--set`` style overrides."""
+    cls = config_class(method)  # an unknown method fails before the file is read
+    raw = config.read_yaml(path, method) if path is not None else {}
+    return config.build_config(method, cls, raw, overrides)
+
+
+def train(run_config: RunConfig | str, path: str | Path | None = None, overrides: list[str] | None = None,
           **sections: dict[str, Any]) -> dict:
     """Train with a RunConfig, or build one: ``train("sft", "cfg.yaml", ["training.lr=1e-5"])`` or
     ``train("sft", model={...}, data={...}, training={...})``. Returns the run summary."""
-    from alignkit.methods import get_runner
-
     setup_logging()
-    if isinstance(config, str):
+    if isinstance(run_config, str):
         if sections:
-            config = build_config(config, sections, overrides)
+            run_config = build_config(run_config, sections, overrides)
         else:
-            config = load_config(config, path, overrides)
-    return get_runner(config.method)(config)
+            run_config = load_config(run_config, path, overrides)
+    return runner(run_config.method)(run_config)

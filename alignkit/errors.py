@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class AlignkitError(Exception):
     """An expected error whose message names the file/row/field or key and the fix."""
+
+
+class TrainingError(AlignkitError, RuntimeError):
+    """Training cannot continue; the message says why and what to do."""

@@ -4,8 +4,8 @@
 file (or a folder + ``gguf_file``), or a hub name. GGUF checkpoints are dequantized and rebuilt as plain
 models in memory, so what :func:`load_model` returns always saves with ``save_pretrained``.
 
-A reference model for LoRA runs is the same model with the adapter switched off
-(:func:`adapters_disabled`), not a second copy.
+A reference model for LoRA runs is the same model with the adapter switched off, not a second copy
+(:mod:`alignkit.reference`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from alignkit import assets
 from alignkit.config import ConfigError, ModelConfig
+from alignkit.gguf import load_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,6 @@ def _looks_like_local_path(s: str) -> bool:
 
 
 def _resolve_source(name_or_path: str, gguf_file: str | None, key: str) -> _Source:
-    from alignkit import assets
-
     asset = assets.resolve_model(name_or_path)
     if asset is not None:
         if gguf_file:
@@ -91,8 +91,6 @@ def _resolve_source(name_or_path: str, gguf_file: str | None, key: str) -> _Sour
 
 
 def _model_assets() -> str:
-    from alignkit import assets
-
     return ", ".join(n for n, spec in assets.ASSETS.items() if spec.kind == "model")
 
 
@@ -125,11 +123,8 @@ def _read_chat_template(value: str) -> str:
         template = value
     else:
         path = Path(value).expanduser()
-        packaged = Path(__file__).parent / "templates" / f"{value.removesuffix('.jinja')}.jinja"
         if path.is_file():
             template = path.read_text()
-        elif "/" not in value and packaged.is_file():
-            template = packaged.read_text()
         else:
             raise ConfigError(f"model.chat_template={value!r}: neither a Jinja template (no '{{{{' or '{{%') "
                               "nor an existing file; give the template text or the path of a .jinja file.")
@@ -183,44 +178,6 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
-
-
-def _plain_copy(loaded: Any, auto_cls: Any, dtype: torch.dtype, **from_config_kwargs: Any) -> Any:
-    """Rebuild a GGUF-loaded model as a plain one (a GGUF-quantized model refuses save_pretrained)."""
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = auto_cls.from_config(config, dtype=dtype, **from_config_kwargs)
-    result = model.load_state_dict(loaded.state_dict(), strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"GGUF conversion: weights do not match the architecture (missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}).")
-    model.generation_config = loaded.generation_config
-    return model.eval()
-
-
-def _load_gguf(auto_cls: Any, source: _Source, dtype: torch.dtype, **kwargs: Any) -> Any:
-    from_config_kwargs = {k: kwargs.pop(k) for k in ("attn_implementation", "trust_remote_code") if k in kwargs}
-    logger.info("Dequantizing GGUF %s/%s ...", source.path, source.gguf_file)
-    loaded = _from_pretrained(auto_cls, source, "model.name_or_path", dtype=torch.float32, **kwargs)
-    model = _plain_copy(loaded, auto_cls, dtype, **from_config_kwargs)
-    del loaded
-    return model
-
-
-def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
-    """Dequantize a causal-LM GGUF file into a plain HF folder (fp32 safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = Path(gguf_path)
-    source = _Source(str(gguf_path.parent), gguf_path.name, str(gguf_path), True)
-    tokenizer = _from_pretrained(AutoTokenizer, source, "gguf file")
-    model = _load_gguf(AutoModelForCausalLM, source, torch.float32)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return Path(output_dir)
 
 
 def _bnb_config(dtype: torch.dtype) -> Any:
@@ -327,14 +284,14 @@ def load_model(
     if finetune == "qlora":
         if source.gguf_file:
             raise ConfigError("model.finetune=qlora cannot quantize a GGUF checkpoint: convert it once with "
-                              "alignkit.models.convert_gguf(file, folder) and load the folder (or use lora).")
+                              "alignkit.gguf.convert_gguf(file, folder) and load the folder (or use lora).")
         kwargs["quantization_config"] = _bnb_config(dtype)
         device_map = _kbit_device_map()
         if device_map is not None:
             kwargs["device_map"] = device_map
 
     if source.gguf_file:
-        model = _load_gguf(auto_cls, source, dtype, **kwargs)
+        model = load_gguf(auto_cls, source.path, source.gguf_file, dtype, **kwargs)
     else:
         model = _from_pretrained(auto_cls, source, "model.name_or_path", dtype=dtype, **kwargs)
     # adapters record this as their base: keep asset names portable instead of a cache path
@@ -379,11 +336,21 @@ def load_model(
 # --------------------------------------------------------------------------------------------------
 
 
-def unwrap_model(model: Any) -> Any:
-    """The model inside DDP / DeepSpeed / torch.compile wrappers."""
-    from accelerate.utils import extract_model_from_parallel
+def is_deepspeed_engine(model: Any) -> bool:
+    # by class name: importing deepspeed just to check costs seconds
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
-    return extract_model_from_parallel(model)
+
+def unwrap_model(model: Any) -> Any:
+    """The model inside DDP / DataParallel / DeepSpeedEngine / torch.compile wrappers (a PeftModel stays one)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) \
+                or is_deepspeed_engine(model):
+            model = model.module
+        elif "_orig_mod" in getattr(model, "__dict__", {}).get("_modules", {}):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def is_peft_model(model: Any) -> bool:
@@ -393,14 +360,22 @@ def is_peft_model(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: Any) -> Iterator[None]:
-    """Run ``model`` without its LoRA adapter (the reference model of a LoRA run); a no-op for plain models."""
-    inner = unwrap_model(model)
-    if is_peft_model(inner):
-        with inner.disable_adapter():
-            yield
-    else:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside the block (no dropout; gradient checkpointing inactive), the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
         yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights are (its ``device`` attribute, else its first parameter's)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -472,8 +447,6 @@ def _save_embedding_layers(peft_model: Any) -> bool | str:
     if getattr(peft_model.get_base_model(), "_alignkit_resized_embeddings", False):
         return True
     base = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path or ""
-    from alignkit import assets
-
     if base in assets.ASSETS or base.lower().endswith(".gguf"):
         return False
     return "auto"

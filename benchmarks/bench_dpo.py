@@ -22,13 +22,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # the examples package (the sentiment task)
 
 from common import bf16, cuda, peak_mb, write_section  # noqa: E402
 
 
 def _setup(args) -> tuple[str, Path]:
     from alignkit.assets import fetch
-    from alignkit.sentiment import dpo_pairs, load_reviews, split_reviews, write_jsonl
+    from examples.sentiment.task import dpo_pairs, load_reviews, split_reviews, write_jsonl
 
     model_dir = str(fetch("smollm2-135m-instruct"))
     train, _ = split_reviews(load_reviews())
@@ -90,8 +91,7 @@ def run_floor(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.config import DataConfig, DataSource
-    from alignkit.data import build_datasets
-    from alignkit.methods.preference import pad_rows
+    from alignkit.data import build_datasets, padded_batch
 
     model_dir, data = _setup(args)
     device = "cuda" if cuda() else "cpu"
@@ -107,7 +107,7 @@ def run_floor(args) -> dict:
         chunk = rows[step * args.batch:(step + 1) * args.batch]
         seqs = [r["prompt_ids"] + r["chosen_ids"] for r in chunk] + [r["prompt_ids"] + r["rejected_ids"] for r in chunk]
         labels = [[-100] * len(r["prompt_ids"]) + r[k] for k in ("chosen_ids", "rejected_ids") for r in chunk]
-        batch = {k: v.to(device) for k, v in pad_rows(seqs, labels, tok.pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in padded_batch(seqs, labels, tok.pad_token_id).items()}
         mask = batch["labels"][:, 1:] != -100
 
         def logps(model, batch=batch, mask=mask):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # the examples package (the sentiment task)
 
 from common import bf16, cuda, peak_mb, write_section  # noqa: E402
 
@@ -38,7 +39,7 @@ def positive_words(prompts, completions, **kwargs) -> list[float]:
 
 def _setup(args) -> tuple[str, Path]:
     from alignkit.assets import fetch
-    from alignkit.sentiment import load_reviews, prompts, split_reviews, write_jsonl
+    from examples.sentiment.task import load_reviews, prompts, split_reviews, write_jsonl
 
     train, _ = split_reviews(load_reviews())
     rows = prompts(train, args.prompts * (args.steps + args.warmup))
@@ -50,9 +51,9 @@ def run_alignkit(args, method: str) -> dict:
 
     model_dir, data = _setup(args)
     out = Path(args.work) / method
-    section = {"num_samples": args.samples, "rollout_batch_size": args.prompts, "max_new_tokens": args.max_new_tokens,
-               "temperature": 1.0, "kl_coef": 0.04, "ppo_epochs": 1,
-               "reward_functions": ["bench_rl:positive_words"]}
+    section = {"generation": {"num_samples": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
+               "rollout_batch_size": args.prompts, "kl_coef": 0.04, "ppo_epochs": 1,
+               "reward": {"functions": ["bench_rl:positive_words"]}}
     if method == "grpo":
         section.update({"kl_penalty": "loss", "kl_estimator": "k3", "loss_agg": "seq-mean-token-mean"})
     alignkit.train(method, model={"name_or_path": model_dir, "dtype": "float32"},
@@ -112,9 +113,9 @@ def run_alignkit_ppo(args) -> dict:
                              "per_device_batch_size": args.prompts * args.samples, "learning_rate": 1e-6,
                              "report_to": ["jsonl"], "mixed_precision": "bf16" if bf16() else "no",
                              "overwrite_output_dir": True, "lr_scheduler": "constant"},
-                   ppo={"num_samples": 1, "rollout_batch_size": args.prompts * args.samples, "ppo_epochs": 1,
-                        "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "kl_coef": 0.04,
-                        "reward_functions": ["bench_rl:positive_words"]})
+                   ppo={"generation": {"num_samples": 1, "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
+                        "rollout_batch_size": args.prompts * args.samples, "ppo_epochs": 1, "kl_coef": 0.04,
+                        "reward": {"functions": ["bench_rl:positive_words"]}})
     times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     elapsed = times[-1] - times[args.warmup - 1]
     return {"samples_per_s": args.prompts * args.samples * args.steps / elapsed, "peak_mb": peak_mb()}

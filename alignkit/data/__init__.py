@@ -38,6 +38,7 @@ from alignkit.data.tokenize import (
     ensure_chat_template,
     pack_sft,
     pad,
+    padded_batch,
     tokenize_conversation,
     tokenize_example,
     truncate,
@@ -47,7 +48,7 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "FORMAT_FIELDS", "IGNORE_INDEX", "KINDS", "KIND_FORMATS", "REQUIRED_FIELDS",
     "DataError", "DatasetSplits", "Row", "attention_mask_from_lengths", "build_datasets", "check_roles",
     "detect_format", "ensure_chat_template", "eval_count", "mix", "normalize_record", "normalize_rows",
-    "pack_sft", "pad", "read_source", "tokenize_conversation", "tokenize_example", "truncate",
+    "pack_sft", "pad", "padded_batch", "read_source", "tokenize_conversation", "tokenize_example", "truncate",
 ]
 
 logger = logging.getLogger("alignkit")

@@ -313,11 +313,13 @@ def pack_sft(examples: list[dict[str, list[int]]], max_length: int) -> list[dict
     return rows
 
 
-def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
-    """(batch, longest) LongTensor of ``seqs`` padded with ``value`` on ``side`` ("right" or "left")."""
+def pad(seqs: list[list[int]], value: int, side: str = "right", width: int | None = None) -> torch.Tensor:
+    """(batch, width) LongTensor of ``seqs`` padded with ``value`` on ``side`` ("right" or "left"); ``width``
+    defaults to the longest sequence."""
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    width = max((len(s) for s in seqs), default=0)
+    if width is None:
+        width = max((len(s) for s in seqs), default=0)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
@@ -341,3 +343,11 @@ def attention_mask_from_lengths(lengths: list[int] | torch.Tensor, max_len: int 
     if side == "left":
         return (positions >= width - lengths.unsqueeze(1)).long()
     raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+
+
+def padded_batch(seqs: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` / ``labels`` of right-padded rows (labels padded with IGNORE_INDEX)."""
+    input_ids = pad(seqs, pad_token_id)
+    return {"input_ids": input_ids,
+            "attention_mask": attention_mask_from_lengths([len(s) for s in seqs], input_ids.shape[1]),
+            "labels": pad(labels, IGNORE_INDEX)}

@@ -311,6 +311,27 @@ def aggregate_loss(
     )
 
 
+def loss_items(mask: torch.Tensor, loss_agg: LossAgg) -> torch.Tensor:
+    """What ``loss_agg`` averages over, counted in ``mask`` ``[B, T]``: tokens (token-mean), sequences with at
+    least one token (seq-mean-token-mean) or rows (seq-mean-token-sum-norm). A float32 scalar tensor.
+
+    ``aggregate_loss(x, mask, loss_agg) * loss_items(mask, loss_agg)`` is then a *sum* over items, which can
+    be added over micro-batches and processes and divided by the global count: the minibatch loss is the
+    same however it is split.
+    """
+    mask_b = mask != 0
+    if loss_agg == "token-mean":
+        n = mask_b.sum()
+    elif loss_agg == "seq-mean-token-mean":
+        n = mask_b.any(1).sum()
+    elif loss_agg == "seq-mean-token-sum-norm":
+        n = torch.tensor(mask.shape[0], device=mask.device)
+    else:
+        raise ValueError(f"loss_items: unknown loss_agg={loss_agg!r}; use 'token-mean', 'seq-mean-token-mean' "
+                         "or 'seq-mean-token-sum-norm'.")
+    return n.to(torch.float32)
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -1,47 +1,87 @@
-"""Method registry: each method module registers its config section and its ``run`` recipe.
+"""The method registry: method name -> the module that implements it, its config class, a one-line summary.
 
-A method module defines
-- a config dataclass decorated with ``@register_method_config("name")`` (its YAML section), and
-- ``run(cfg: RunConfig) -> dict``: the recipe, readable top to bottom. Offline methods build a
-  :class:`alignkit.engine.OfflineMethod` and hand it to :func:`alignkit.engine.fit`.
+Answering a question about one method (its config class, its recipe) imports that method's module only;
+nothing here imports a method at import time. A method module defines its config dataclass(es) (the YAML
+section named after the method) and ``run(cfg: RunConfig) -> dict``, the recipe, readable top to bottom.
+Method modules never import each other: what two methods share lives a layer below (``alignkit.training``,
+``alignkit.rollout``, ``alignkit.rewards``, ``alignkit.reference``, ``alignkit.forward``). See
+CONTRIBUTING.md for how to add one.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
-# method name -> module that implements it
-METHOD_MODULES: dict[str, str] = {
-    "sft": "alignkit.methods.sft",
-    "rm": "alignkit.methods.reward",
-    "dpo": "alignkit.methods.preference",
-    "simpo": "alignkit.methods.preference",
-    "cpo": "alignkit.methods.preference",
-    "orpo": "alignkit.methods.preference",
-    "kto": "alignkit.methods.kto",
-    "ppo": "alignkit.methods.ppo",
-    "rloo": "alignkit.methods.pg",
-    "grpo": "alignkit.methods.pg",
-    "reinforce_pp": "alignkit.methods.pg",
-    "kd": "alignkit.methods.distill",
-    "seqkd": "alignkit.methods.distill",
-    "gkd": "alignkit.methods.distill",
-    "rejection_sampling": "alignkit.methods.rejection_sampling",
+from alignkit.config import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    module: str  # under alignkit.methods
+    config: str  # the name of its config dataclass in that module
+    summary: str  # one line, shown by `alignkit --help`
+
+
+METHODS: dict[str, MethodSpec] = {
+    "sft": MethodSpec("sft", "SFTConfig", "supervised fine-tuning on conversations, prompt/completion, Alpaca, ShareGPT"),
+    "rm": MethodSpec("reward_model", "RMConfig", "reward model: Bradley-Terry on preference pairs, or regression on scores"),
+    "dpo": MethodSpec("preference", "DPOConfig", "DPO (sigmoid, IPO, hinge, robust) against a reference policy"),
+    "simpo": MethodSpec("preference", "SimPOConfig", "SimPO: reference-free, length-normalised margin loss"),
+    "cpo": MethodSpec("preference", "CPOConfig", "CPO (and CPO-SimPO): preference loss plus NLL of the chosen"),
+    "orpo": MethodSpec("preference", "ORPOConfig", "ORPO: NLL plus an odds-ratio preference term, no reference"),
+    "kto": MethodSpec("kto", "KTOConfig", "KTO on unpaired completions labelled desirable or undesirable"),
+    "ppo": MethodSpec("online_rl", "PPOConfig", "PPO with a critic (GAE) and reward sources, online"),
+    "rloo": MethodSpec("online_rl", "RLOOConfig", "RLOO: leave-one-out baseline over k samples per prompt, online"),
+    "grpo": MethodSpec("online_rl", "GRPOConfig", "GRPO (and Dr. GRPO): group-normalised advantages, online"),
+    "reinforce_pp": MethodSpec("online_rl", "ReinforcePPConfig", "REINFORCE++: token-level KL, batch-whitened returns"),
+    "kd": MethodSpec("distill", "KDConfig", "knowledge distillation from a teacher on dataset completions"),
+    "seqkd": MethodSpec("distill", "SeqKDConfig", "sequence-level KD: SFT on the teacher's generations"),
+    "gkd": MethodSpec("distill", "GKDConfig", "on-policy distillation (GKD) with the generalised JSD"),
+    "rejection_sampling": MethodSpec("rejection_sampling", "RejectionSamplingConfig",
+                                     "best-of-N sampling scored by reward sources, then optional SFT"),
 }
 
 
-def load_all() -> None:
-    for module in list(METHOD_MODULES.values()):
-        importlib.import_module(module)
+def check_method(name: str) -> MethodSpec:
+    """The spec of method ``name``, or a ConfigError suggesting the closest method name."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint}; methods: {', '.join(METHODS)}.")
+    return METHODS[name]
 
 
-def get_runner(method: str) -> Callable[[Any], dict]:
-    from alignkit.config import method_config_class
-
-    method_config_class(method)  # validates the name with a suggestion
-    return importlib.import_module(METHOD_MODULES[method]).run
+def method_module(name: str) -> ModuleType:
+    return importlib.import_module(f"alignkit.methods.{check_method(name).module}")
 
 
-load_all()
+def config_class(name: str) -> type:
+    """The config dataclass of method ``name`` (its YAML section)."""
+    return getattr(method_module(name), METHODS[name].config)
+
+
+def runner(name: str) -> Callable[[Any], dict]:
+    return method_module(name).run
+
+
+def config_reference() -> str:
+    """The option reference of every method, as written to docs/config.md (imports every method)."""
+    from alignkit.config import describe
+
+    parts = ["# Config reference", "",
+             "Generated by `alignkit config --markdown` from the config dataclasses; `tests/test_config.py`",
+             "fails when it is out of date. Each method's YAML has the sections `model`, `data`, `training`",
+             "and one named after the method; the online methods, rejection sampling and distillation nest",
+             "`generation:` (sampling) and, where rewards are used, `reward:` (reward sources) inside it.", ""]
+    shared = describe("sft", config_class("sft")).split("\nsft:")[0]
+    parts += ["## Shared sections", "", "```yaml", shared.split("\n", 1)[1].strip("\n"), "```", ""]
+    for name in sorted(METHODS):
+        section = describe(name, config_class(name)).split(f"\n{name}:", 1)[1]
+        parts += [f"## `{name}`", "", METHODS[name].summary[:1].upper() + METHODS[name].summary[1:] + ".", "",
+                  "```yaml", f"{name}:{section}".rstrip(), "```", ""]
+    return "\n".join(parts)

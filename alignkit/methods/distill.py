@@ -16,18 +16,18 @@ Teacher logits are not cached: a full-vocabulary row is V floats per token (abou
 teacher). The teacher forward costs no backward, about a third of a student step of the same size.
 
 ``seqkd`` (Kim & Rush 2016). Data kind "prompt". The teacher generates completions for the training
-prompts (rollout engine; greedy by default, an approximation of the teacher's mode), written to
-``output_dir/teacher_data.jsonl`` in the SFT format (resumable, see
-:mod:`alignkit.methods.rejection_sampling`); then the student does SFT on them (:class:`SFTMethod`).
+prompts (``seqkd.generation``; greedy by default, an approximation of the teacher's mode), written to
+``output_dir/teacher_data.jsonl`` in the SFT format (resumable, :mod:`alignkit.rollout.resumable`); then
+the student does SFT on them (:class:`~alignkit.training.supervised.SFTMethod`).
 
 ``gkd`` (on-policy; Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from
 Self-Generated Mistakes"). Data kind "sft". Per micro-batch, with probability ``lmbda`` (one draw of a
 seeded RNG whose state is checkpointed) the student samples completions for the batch's prompts
-(rollout engine, ``max_new_tokens``, ``temperature``) which replace the dataset completions; the loss is
-the generalised JSD with ``beta`` (0: forward KL, 1: reverse KL) over completion tokens at ``temperature``
-(:func:`alignkit.losses.distill.generalized_jsd_loss`). How many tokens a sampled batch has is known only
+(``gkd.generation``) which replace the dataset completions; the loss is the generalised JSD with ``beta``
+(0: forward KL, 1: reverse KL) over completion tokens at the sampling temperature
+``gkd.generation.temperature`` (:func:`alignkit.losses.distill.generalized_jsd_loss`). How many tokens a sampled batch has is known only
 after sampling, so GKD's item is a row: a micro-batch's loss is its token mean times its row count, and
-the engine's mean over rows gives the mean of micro-batch token means — TRL's ``GKDTrainer`` reduction.
+the loop's mean over rows gives the mean of micro-batch token means — TRL's ``GKDTrainer`` reduction.
 
 Metrics (train and ``eval/``): ``kl_to_teacher``, the mean per-token KL(p_T‖p_S) at temperature 1 on the
 completions of the batch (eval: the eval set's completions, the same rows before and after training);
@@ -37,7 +37,6 @@ and ``completion_length``. With ``eval_before`` the summary has ``eval_before`` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -49,32 +48,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from alignkit.config import ConfigError, DataSource, RunConfig, opt, register_method_config
-from alignkit.engine import (
+from alignkit.config import ConfigError, DataSource, RunConfig, check_choice, opt
+from alignkit.data import IGNORE_INDEX, build_datasets, padded_batch
+from alignkit.forward import target_logits
+from alignkit.losses.distill import generalized_jsd_loss
+from alignkit.models import load_model, load_tokenizer, unwrap_model
+from alignkit.rollout import Rollout, SamplingConfig, build_sampler
+from alignkit.rollout.resumable import (
+    PromptResult,
+    SampleLog,
+    prompts_fingerprint,
+    sample_prompts,
+    sft_record,
+)
+from alignkit.training import (
     OfflineMethod,
-    check_output_dir,
+    autocast,
     evaluate,
     fit,
     prepare_frozen,
     setup_accelerator,
     zero_stage,
 )
-from alignkit.forward import target_logits
-from alignkit.losses.distill import generalized_jsd_loss
-from alignkit.methods.rejection_sampling import (
-    PromptResult,
-    SampleLog,
-    derived_seed,
-    prompts_fingerprint,
-    sample_prompts,
-    sft_record,
-)
-from alignkit.methods.sft import SFTMethod
-from alignkit.rollout import GenerationConfig, Rollout
+from alignkit.training.batches import derived_seed
+from alignkit.training.checkpoint import check_output_dir
+from alignkit.training.supervised import SFTMethod
 
 logger = logging.getLogger("alignkit")
 
-IGNORE_INDEX = -100
 TEACHER_DATA_FILE = "teacher_data.jsonl"
 DIVERGENCES = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": None}  # -> beta of the generalised JSD
 
@@ -100,7 +101,6 @@ class TeacherConfig:
                               "(it must share the student's tokenizer).")
 
 
-@register_method_config("kd")
 @dataclass
 class KDConfig(TeacherConfig):
     divergence: str = opt("forward_kl", "forward_kl: KL(teacher||student), mode covering (Hinton); reverse_kl: "
@@ -113,8 +113,7 @@ class KDConfig(TeacherConfig):
 
     def validate(self, run: RunConfig) -> None:
         self.validate_teacher(run)
-        if self.divergence not in DIVERGENCES:
-            raise ConfigError(f"kd.divergence={self.divergence!r} is not valid; choose one of: {', '.join(DIVERGENCES)}.")
+        check_choice("kd.divergence", self.divergence, DIVERGENCES)
         if self.divergence == "jsd" and not 0 < self.beta < 1:
             raise ConfigError(f"kd.beta={self.beta}: divergence jsd needs 0 < beta < 1 (beta 0 and 1 are forward_kl "
                               "and reverse_kl).")
@@ -124,12 +123,12 @@ class KDConfig(TeacherConfig):
             raise ConfigError(f"kd.sft_weight={self.sft_weight}: must be >= 0.")
 
 
-@register_method_config("seqkd")
 @dataclass
-class SeqKDConfig(GenerationConfig, TeacherConfig):
-    do_sample: bool = opt(False, "Teacher decoding: false = greedy (approximates the teacher's mode, as Kim & Rush's "
-                                 "beam search); true = sample (several samples per prompt with num_samples).")
-    max_new_tokens: int = opt(256, "Most tokens the teacher generates per completion (cut ones are kept as they are).")
+class SeqKDConfig(TeacherConfig):
+    generation: SamplingConfig = opt(factory=lambda: SamplingConfig(do_sample=False, max_new_tokens=256),
+                                     doc="The teacher's decoding: greedy by default (approximates the teacher's "
+                                         "mode, as Kim & Rush's beam search); do_sample with num_samples > 1 for "
+                                         "several completions per prompt. Cut completions are kept as they are.")
     sampling_batch_size: int = opt(16, "Prompts per teacher generation batch: the unit of progress, resume and seeding.")
     completion_only_loss: bool = opt(True, "SFT stage: loss on the teacher's completions only.")
     eval_kl_to_teacher: bool = opt(True, "Keep the teacher loaded during SFT to report eval/kl_to_teacher (when there "
@@ -137,36 +136,37 @@ class SeqKDConfig(GenerationConfig, TeacherConfig):
 
     def validate(self, run: RunConfig) -> None:
         self.validate_teacher(run)
-        self.validate_generation("seqkd")
+        self.generation.check("seqkd.generation")
         if self.sampling_batch_size < 1:
             raise ConfigError(f"seqkd.sampling_batch_size={self.sampling_batch_size}: must be >= 1.")
-        if self.greedy and self.num_samples > 1:
-            raise ConfigError(f"seqkd.num_samples={self.num_samples} with greedy decoding gives identical completions; "
-                              "set seqkd.do_sample=true (and temperature > 0) or num_samples=1.")
+        if self.generation.greedy and self.generation.num_samples > 1:
+            raise ConfigError(f"seqkd.generation.num_samples={self.generation.num_samples} with greedy decoding "
+                              "gives identical completions; set seqkd.generation.do_sample=true (and temperature "
+                              "> 0) or num_samples=1.")
 
 
-@register_method_config("gkd")
 @dataclass
-class GKDConfig(GenerationConfig, TeacherConfig):
+class GKDConfig(TeacherConfig):
+    generation: SamplingConfig = opt(factory=lambda: SamplingConfig(temperature=0.9, max_new_tokens=128),
+                                     doc="The student's sampling; its temperature is also that of both "
+                                         "distributions in the loss. num_samples must be 1.")
     lmbda: float = opt(0.5, "λ: share of micro-batches whose completions the student samples itself (0: supervised "
                             "KD on the data, 1: fully on-policy).")
     beta: float = opt(0.5, "β of the generalised JSD: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher).")
-    temperature: float = opt(0.9, "Temperature of the student's sampling and of both distributions in the loss.")
-    max_new_tokens: int = opt(128, "Most tokens the student samples per completion.")
-    num_samples: int = opt(1, "Must be 1: the student samples one completion per prompt.")
 
     def validate(self, run: RunConfig) -> None:
         self.validate_teacher(run)
-        self.validate_generation("gkd")
+        self.generation.check("gkd.generation")
         if not 0 <= self.lmbda <= 1:
             raise ConfigError(f"gkd.lmbda={self.lmbda}: must be in [0, 1].")
         if not 0 <= self.beta <= 1:
             raise ConfigError(f"gkd.beta={self.beta}: must be in [0, 1].")
-        if self.temperature <= 0:
-            raise ConfigError(f"gkd.temperature={self.temperature}: must be > 0 (it divides the logits in the loss; "
-                              "for greedy student samples set gkd.do_sample=false).")
-        if self.num_samples != 1:
-            raise ConfigError(f"gkd.num_samples={self.num_samples}: GKD samples one completion per prompt; set it to 1.")
+        if self.generation.temperature <= 0:
+            raise ConfigError(f"gkd.generation.temperature={self.generation.temperature}: must be > 0 (it divides "
+                              "the logits in the loss; for greedy student samples set gkd.generation.do_sample=false).")
+        if self.generation.num_samples != 1:
+            raise ConfigError(f"gkd.generation.num_samples={self.generation.num_samples}: GKD samples one completion "
+                              "per prompt; set it to 1.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,9 +198,7 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: st
 
 
 def _output_size(model) -> int:
-    from alignkit.rollout import unwrap
-
-    inner = unwrap(model)
+    inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     weight = getattr(head, "weight", None)
     size = getattr(weight, "ds_shape", None) or (weight.shape if weight is not None else None)
@@ -229,8 +227,6 @@ def shared_vocab_size(student, teacher, tokenizer, student_name: str, teacher_na
 def load_teacher(cfg: RunConfig, tokenizer, accelerator) -> torch.nn.Module:
     """The frozen teacher of ``cfg.method_args.teacher``, placed with :func:`prepare_frozen`, after checking
     that its tokenizer's vocabulary is the student's."""
-    from alignkit.models import load_model, load_tokenizer
-
     args = cfg.method_args
     teacher_cfg = dataclasses.replace(cfg.model, name_or_path=args.teacher, gguf_file=None, revision=None,
                                       tokenizer=None, finetune="full", gradient_checkpointing=False,
@@ -266,23 +262,18 @@ class TeacherMethod(OfflineMethod):
         self.accelerator, self.vocab_size = accelerator, vocab_size
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        from alignkit.methods.preference import pad_rows
-
-        batch = pad_rows([r["input_ids"] for r in rows], [r["labels"] for r in rows], self.pad_token_id)
+        batch = padded_batch([r["input_ids"] for r in rows], [r["labels"] for r in rows], self.pad_token_id)
         batch["prompt_len"] = torch.tensor([last_completion_start(r["labels"]) for r in rows], dtype=torch.long)
         return batch
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
-    def _autocast(self):
-        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
-
     def logits_pair(self, model, input_ids, attention_mask, labels, position_ids=None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(student logits, teacher logits, targets) for the positions predicting labels, float32, aligned."""
         student, targets = target_logits(model, input_ids, attention_mask, labels, position_ids=position_ids)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast(self.accelerator):
             teacher, _ = target_logits(self.teacher, input_ids, attention_mask, labels, position_ids=position_ids)
         if self.vocab_size is not None:
             student, teacher = student[..., : self.vocab_size], teacher[..., : self.vocab_size]
@@ -327,10 +318,10 @@ class GKDMethod(TeacherMethod):
 
     bar_metrics = ("kl_to_teacher", "on_policy")
 
-    def __init__(self, args: GKDConfig, teacher, pad_token_id: int, engine, *, seed: int, rank: int = 0,
+    def __init__(self, args: GKDConfig, teacher, pad_token_id: int, sampler, *, seed: int, rank: int = 0,
                  **kwargs: Any):
         super().__init__(teacher, pad_token_id, **kwargs)
-        self.args, self.engine, self.seed, self.rank = args, engine, seed, rank
+        self.args, self.sampler, self.seed, self.rank = args, sampler, seed, rank
         # the same seed on every process: all draw the same on/off-policy decision (generation is collective
         # under ZeRO-3), and a resumed run continues the sequence from the checkpointed state
         self.rng = random.Random(seed)
@@ -357,7 +348,7 @@ class GKDMethod(TeacherMethod):
         """The batch's prompts with completions sampled by the student (left-padded prompts, labels on responses)."""
         ids, prompt_len = batch["input_ids"], batch["prompt_len"].tolist()
         prompts = [ids[i, : max(n, 1)].tolist() for i, n in enumerate(prompt_len)]
-        rollout: Rollout = self.engine.generate(model, prompts, seed=derived_seed(self.seed, self.draws, self.rank))
+        rollout: Rollout = self.sampler.generate(model, prompts, seed=derived_seed(self.seed, self.draws, self.rank))
         input_ids, attention_mask = rollout.sequences()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:, rollout.prompt_ids.shape[1]:] = rollout.response_ids.masked_fill(rollout.response_mask == 0,
@@ -374,7 +365,8 @@ class GKDMethod(TeacherMethod):
             batch = self.student_batch(model, batch)
         student, teacher, targets = self.logits_pair(model, batch["input_ids"], batch["attention_mask"],
                                                      batch["labels"], batch.get("position_ids"))
-        jsd = generalized_jsd_loss(student, teacher, targets, beta=a.beta, temperature=a.temperature)  # token mean
+        jsd = generalized_jsd_loss(student, teacher, targets, beta=a.beta,
+                                   temperature=a.generation.temperature)  # token mean
         n_tokens = (targets != IGNORE_INDEX).sum()
         metrics = {
             "divergence": rows * jsd.detach(),
@@ -394,15 +386,12 @@ class SeqKDMethod(SFTMethod):
         self.teacher, self.accelerator, self.vocab_size = teacher, accelerator, vocab_size
 
     def loss(self, model, batch):
-        ids, mask, labels, pos = batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids")
-        logits, targets = target_logits(model, ids, mask, labels, position_ids=pos)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        loss, logits, targets = self.token_loss(model, batch)
         metrics = {}
         if self.teacher is not None and not model.training:
-            autocast = self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
-            with torch.no_grad(), autocast:
-                teacher, _ = target_logits(self.teacher, ids, mask, labels, position_ids=pos)
+            with torch.no_grad(), autocast(self.accelerator):
+                teacher, _ = target_logits(self.teacher, batch["input_ids"], batch.get("attention_mask"),
+                                           batch["labels"], position_ids=batch.get("position_ids"))
             student = logits
             if self.vocab_size is not None:
                 student, teacher = student[..., : self.vocab_size], teacher[..., : self.vocab_size]
@@ -441,9 +430,6 @@ def _free() -> None:
 def run(cfg: RunConfig) -> dict:
     if cfg.method == "seqkd":
         return run_seqkd(cfg)
-    from alignkit.data import build_datasets
-    from alignkit.models import load_model, load_tokenizer
-
     args = cfg.method_args
     accelerator = setup_accelerator(cfg.training)
     tokenizer = load_tokenizer(cfg.model)
@@ -456,11 +442,9 @@ def run(cfg: RunConfig) -> dict:
     if cfg.method == "kd":
         method: OfflineMethod = KDMethod(args, teacher, tokenizer.pad_token_id, **common)
     else:
-        from alignkit.rollout import build_engine
-
-        engine = build_engine(args, tokenizer, model_name_or_path=cfg.model.name_or_path, device=accelerator.device,
-                              dtype=cfg.model.dtype, seed=cfg.training.seed)
-        method = GKDMethod(args, teacher, tokenizer.pad_token_id, engine, seed=cfg.training.seed,
+        sampler = build_sampler(args.generation, tokenizer, model_name_or_path=cfg.model.name_or_path,
+                                device=accelerator.device, dtype=cfg.model.dtype, seed=cfg.training.seed)
+        method = GKDMethod(args, teacher, tokenizer.pad_token_id, sampler, seed=cfg.training.seed,
                            rank=accelerator.process_index, **common)
     before = evaluate_before(accelerator, model, method, splits.eval, cfg)
     result = fit(accelerator, model, tokenizer, method, cfg, splits.train, splits.eval)
@@ -470,10 +454,6 @@ def run(cfg: RunConfig) -> dict:
 
 
 def run_seqkd(cfg: RunConfig) -> dict:
-    from alignkit.data import build_datasets
-    from alignkit.models import load_model, load_tokenizer
-    from alignkit.rollout import build_engine
-
     args: SeqKDConfig = cfg.method_args
     t = cfg.training
     out = Path(t.output_dir)
@@ -488,16 +468,17 @@ def run_seqkd(cfg: RunConfig) -> dict:
     teacher = load_teacher(cfg, tokenizer, accelerator)
 
     # 1. teacher data (resumable)
-    engine = build_engine(args, tokenizer, model_name_or_path=args.teacher, device=accelerator.device,
-                          dtype=args.teacher_dtype or cfg.model.dtype, seed=t.seed)
-    settings = {k: v for k, v in dataclasses.asdict(args).items()
-                if k in ("teacher", "max_new_tokens", "temperature", "top_p", "top_k", "num_samples", "do_sample",
-                         "sampling_batch_size", "engine")}
+    sampler = build_sampler(args.generation, tokenizer, model_name_or_path=args.teacher, device=accelerator.device,
+                            dtype=args.teacher_dtype or cfg.model.dtype, seed=t.seed)
+    g = args.generation
+    settings = {"teacher": args.teacher, "sampling_batch_size": args.sampling_batch_size,
+                **{f"generation.{k}": getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k",
+                                                              "num_samples", "do_sample", "sampler")}}
     meta = {"method": "seqkd", "seed": t.seed, "processes": accelerator.num_processes, "prompts": len(prompts),
             "prompts_sha256": prompts_fingerprint(prompts), "settings": settings}
     log = SampleLog(out / TEACHER_DATA_FILE, meta, restart=t.overwrite_output_dir and not t.resume) \
         if accelerator.is_main_process else None
-    k = args.num_samples
+    k = g.num_samples
 
     def keep_all(rows: list[dict], prompt_ids: list[int], rollout: Rollout) -> list[PromptResult]:
         results = []
@@ -507,12 +488,12 @@ def run_seqkd(cfg: RunConfig) -> dict:
                                               for s, text in enumerate(texts) if text.strip()]))
         return results
 
-    sample_prompts(accelerator, teacher, engine, prompts, log, batch_size=args.sampling_batch_size, seed=t.seed,
+    sample_prompts(accelerator, teacher, sampler, prompts, log, batch_size=args.sampling_batch_size, seed=t.seed,
                    choose=keep_all, desc="teacher data")
     if log is not None:
         n_rows = sum(e["rows"] for e in log.entries)
         logger.info("seqkd: %d teacher completions for %d prompts in %s", n_rows, len(prompts), log.path)
-    del engine
+    del sampler
 
     # 2. SFT of the student on the teacher's completions
     sft_data = dataclasses.replace(cfg.data, train=[DataSource(path=str(out / TEACHER_DATA_FILE))])

@@ -3,7 +3,7 @@
 Ethayarajh et al. 2024. The loss is :func:`alignkit.losses.kto_loss`; this module feeds it log-probs.
 
 Recipe: accelerator → tokenizer → data (kind "unpaired") → policy (full / LoRA / QLoRA) → reference
-(``kto.ref_model``, else the adapter-off policy for LoRA/QLoRA, else a frozen copy) → engine.fit.
+(``kto.ref_model``, else the adapter-off policy for LoRA/QLoRA, else a frozen copy) → training.fit.
 
 Per micro-batch of B rows ``(x_i, y_i, label_i)``:
 
@@ -22,21 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.config import ConfigError, RunConfig, opt, register_method_config
-from alignkit.engine import OfflineMethod, fit, setup_accelerator
+from alignkit.config import ConfigError, RunConfig, opt
+from alignkit.data import IGNORE_INDEX, build_datasets, padded_batch
+from alignkit.forward import completion_logps
 from alignkit.losses import kto_loss
-from alignkit.methods.preference import (
-    IGNORE_INDEX,
-    completion_logps,
-    load_reference,
-    pad_rows,
-    reference_context,
-)
+from alignkit.models import load_model, load_tokenizer
+from alignkit.reference import Reference, load_reference
+from alignkit.training import OfflineMethod, autocast, fit, setup_accelerator
 
 logger = logging.getLogger("alignkit")
 
 
-@register_method_config("kto")
 @dataclass
 class KTOConfig:
     beta: float = opt(0.1, "β: scale of the implicit reward β·log(πθ/π_ref); a higher β keeps the policy closer to the reference.")
@@ -68,16 +64,14 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
 
 
 class KTOMethod(OfflineMethod):
-    """KTO; items are rows. ``ref_model`` a placed frozen model, or ``adapter_ref`` for the adapter-off policy."""
+    """KTO; items are rows; ``reference`` gives the reference log-probs."""
 
     bar_metrics = ("rewards/accuracies", "rewards/margins")
 
-    def __init__(self, args: KTOConfig, pad_token_id: int, max_length: int, *, accelerator=None,
-                 ref_model=None, adapter_ref: bool = False):
-        if ref_model is None and not adapter_ref:
-            raise ValueError("KTOMethod needs a ref_model or adapter_ref=True.")
+    def __init__(self, args: KTOConfig, pad_token_id: int, max_length: int, *, reference: Reference,
+                 accelerator=None):
         self.args, self.pad_token_id, self.max_length = args, pad_token_id, max_length
-        self.accelerator, self.ref_model, self.adapter_ref = accelerator, ref_model, adapter_ref
+        self.accelerator, self.reference = accelerator, reference
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         B = len(rows)
@@ -90,24 +84,16 @@ class KTOMethod(OfflineMethod):
                 pairs.append((prompt[len(prompt) - keep:], completion))
         seqs = [p + c for p, c in pairs]
         labels = [[IGNORE_INDEX] * len(p) + c for p, c in pairs]
-        batch = pad_rows(seqs, labels, self.pad_token_id)
+        batch = padded_batch(seqs, labels, self.pad_token_id)
         batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows])
         return batch
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["desirable"].shape[0])
 
-    def _autocast(self):
-        import contextlib
-
-        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
-
     def _reference_logps(self, model, ids, mask, labels) -> torch.Tensor:
-        if self.ref_model is not None:
-            with torch.no_grad(), self._autocast():
-                return completion_logps(self.ref_model, ids, mask, labels)[0]
-        with reference_context(model), self._autocast():
-            return completion_logps(model, ids, mask, labels)[0]
+        with self.reference.applied(model) as ref, autocast(self.accelerator):
+            return completion_logps(ref, ids, mask, labels)[0]
 
     def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
         acc = self.accelerator
@@ -140,7 +126,7 @@ class KTOMethod(OfflineMethod):
 
     @staticmethod
     def _metrics(B, counts, desirable, logps, mean_logits, r_chosen, r_rejected, z0, beta) -> dict[str, torch.Tensor]:
-        """Sums over this process' B rows that the engine's division by the global row count turns into means.
+        """Sums over this process' B rows that the loop's division by the global row count turns into means.
 
         Per-class values (rewards/chosen, logps/rejected, ...): this process' class sum scaled by
         N / N_class, where N_class and N count the class and all rows of the micro-step over all processes;
@@ -175,9 +161,6 @@ class KTOMethod(OfflineMethod):
 
 
 def run(cfg: RunConfig) -> dict:
-    from alignkit.data import build_datasets
-    from alignkit.models import load_model, load_tokenizer
-
     accelerator = setup_accelerator(cfg.training)
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
@@ -195,9 +178,9 @@ def run(cfg: RunConfig) -> dict:
             logger.warning(f"kto: λ_D·n_D / (λ_U·n_U) = {ratio:.2f} is outside the paper's recommended [1, 4/3]; "
                            "adjust kto.desirable_weight / kto.undesirable_weight.")
     model = load_model(cfg.model, tokenizer)  # the policy first: its LoRA init draws from the seeded RNG
-    ref_model, adapter_ref = load_reference(cfg, tokenizer, accelerator, model)
-    method = KTOMethod(args, tokenizer.pad_token_id, cfg.data.max_length, accelerator=accelerator,
-                       ref_model=ref_model, adapter_ref=adapter_ref)
+    reference = load_reference(cfg, tokenizer, accelerator, model)
+    method = KTOMethod(args, tokenizer.pad_token_id, cfg.data.max_length, reference=reference,
+                       accelerator=accelerator)
     result = fit(accelerator, model, tokenizer, method, cfg, splits.train, splits.eval)
     result["data_stats"] = splits.stats
     return result

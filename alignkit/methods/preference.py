@@ -4,24 +4,24 @@ Four method names, one :class:`PreferenceMethod` parametrised by the name. The l
 pure functions of :mod:`alignkit.losses.preference`; this module feeds them log-probabilities.
 
 Recipe: accelerator → tokenizer → data (kind "preference") → policy (full / LoRA / QLoRA) → reference
-(DPO only) → optional precomputed reference log-probs → engine.fit.
+(DPO only) → optional precomputed reference log-probs → training.fit.
 
 Per micro-batch of B pairs:
 
 1. ``collate``: 2B rows, ``prompt + chosen`` then ``prompt + rejected``, right-padded to one length;
    labels are the completion tokens (prompt and padding are -100).
 2. One policy forward over the 2B rows that asks the LM head only for positions from the first completion
-   token on (``alignkit.forward.target_logits``); ``log πθ(y|x)`` by gather (``selective_log_softmax``),
+   token on (``alignkit.forward.completion_logps``); ``log πθ(y|x)`` by gather (``selective_log_softmax``),
    never a full-vocabulary log-softmax over the prompt.
-3. DPO only, ``log π_ref(y|x)``: precomputed in the rows, or a frozen reference model (``dpo.ref_model``,
-   else a frozen copy of ``model.name_or_path``), or, for LoRA/QLoRA, the policy with its adapter off.
-4. The loss summed over pairs and metric sums over pairs (the engine divides by the global pair count).
+3. DPO only, ``log π_ref(y|x)``: precomputed in the rows, or the reference (:mod:`alignkit.reference`): a
+   frozen model (``dpo.ref_model``, else a frozen copy of ``model.name_or_path``), or, for LoRA/QLoRA, the
+   policy with its adapter off.
+4. The loss summed over pairs and metric sums over pairs (the training loop divides by the global pair
+   count).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gc
 import logging
 import math
@@ -29,14 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.config import ConfigError, RunConfig, opt, register_method_config
-from alignkit.engine import OfflineMethod, fit, prepare_frozen, setup_accelerator, zero_stage
-from alignkit.forward import target_logits
-from alignkit.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss, token_logps
+from alignkit.config import ConfigError, RunConfig, check_choice, opt
+from alignkit.data import IGNORE_INDEX, build_datasets, padded_batch
+from alignkit.forward import completion_logps
+from alignkit.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from alignkit.models import load_model, load_tokenizer
+from alignkit.reference import Reference, load_reference
+from alignkit.training import OfflineMethod, autocast, fit, setup_accelerator, zero_stage
 
 logger = logging.getLogger("alignkit")
 
-IGNORE_INDEX = -100
 DPO_LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust"]
 CPO_LOSS_TYPES = ["sigmoid", "ipo", "hinge", "simpo"]
 
@@ -80,12 +82,6 @@ class PreferenceConfig:
             )
 
 
-def _choice(run: RunConfig, key: str, value: str, choices: list[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{run.method}.{key}={value!r} is not valid; choose one of: {', '.join(choices)}.")
-
-
-@register_method_config("dpo")
 @dataclass
 class DPOConfig(PreferenceConfig):
     loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo (IPO, on length-averaged log-ratios), hinge (SLiC), robust (rDPO).")
@@ -97,11 +93,10 @@ class DPOConfig(PreferenceConfig):
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
-        _choice(run, "loss_type", self.loss_type, DPO_LOSS_TYPES)
+        check_choice(f"{run.method}.loss_type", self.loss_type, DPO_LOSS_TYPES)
         self._check_smoothing(run, self.loss_type)
 
 
-@register_method_config("simpo")
 @dataclass
 class SimPOConfig(PreferenceConfig):
     beta: float = opt(2.0, "β: scale of the length-normalised reward β/|y| log πθ(y|x) (SimPO uses 2-10).")
@@ -114,7 +109,6 @@ class SimPOConfig(PreferenceConfig):
         self._refuse_fp16(run)
 
 
-@register_method_config("cpo")
 @dataclass
 class CPOConfig(PreferenceConfig):
     loss_type: str = opt("sigmoid", "Preference term: sigmoid (CPO), hinge, ipo, or simpo (CPO-SimPO: SimPO's "
@@ -125,14 +119,13 @@ class CPOConfig(PreferenceConfig):
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
-        _choice(run, "loss_type", self.loss_type, CPO_LOSS_TYPES)
+        check_choice(f"{run.method}.loss_type", self.loss_type, CPO_LOSS_TYPES)
         self._check_smoothing(run, self.loss_type)
         if self.cpo_alpha < 0:
             raise ConfigError(f"cpo.cpo_alpha={self.cpo_alpha}: must be >= 0.")
         self._refuse_fp16(run)
 
 
-@register_method_config("orpo")
 @dataclass
 class ORPOConfig(PreferenceConfig):
     beta: float = opt(0.1, "λ: weight of the odds-ratio term added to the NLL of the chosen completions.")
@@ -143,53 +136,6 @@ class ORPOConfig(PreferenceConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Log-probabilities of completions (shared with KTO)
-# --------------------------------------------------------------------------------------------------
-
-
-def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row: summed ``log p(completion tokens)``, their count, and the mean logit over them (detached).
-
-    Only the logits of positions that predict a completion token are computed (``logits_to_keep``), and
-    the log-probs are gathered with ``selective_log_softmax`` (no ``[B, T, V]`` log-softmax copy).
-    """
-    logits, targets = target_logits(model, input_ids, attention_mask, labels)
-    mask = targets != IGNORE_INDEX
-    logps = token_logps(logits, targets, mask=mask).sum(-1)
-    n_tokens = mask.sum(-1)
-    mean_logits = (logits.detach().mean(-1, dtype=torch.float32) * mask).sum(-1) / n_tokens.clamp(min=1)
-    return logps, n_tokens, mean_logits
-
-
-def pad_rows(seqs: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / labels, right-padded to the longest row."""
-    from alignkit.data import attention_mask_from_lengths, pad
-
-    input_ids = pad(seqs, pad_token_id)
-    return {"input_ids": input_ids,
-            "attention_mask": attention_mask_from_lengths([len(s) for s in seqs], input_ids.shape[1]),
-            "labels": pad(labels, IGNORE_INDEX)}
-
-
-def reference_context(model):
-    """No grad, eval mode (no dropout), and for a LoRA policy used as its own reference, the adapter off."""
-    from alignkit.models import adapters_disabled
-
-    @contextlib.contextmanager
-    def ctx():
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), adapters_disabled(model):
-                yield
-        finally:
-            model.train(was_training)
-
-    return ctx()
-
-
-# --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
 
@@ -197,18 +143,18 @@ def reference_context(model):
 class PreferenceMethod(OfflineMethod):
     """DPO / SimPO / CPO / ORPO on concatenated chosen+rejected batches; items are pairs.
 
-    ``ref_model``: a placed frozen reference (DPO); ``adapter_ref``: use the policy with its LoRA adapter
-    disabled instead. Rows holding ``ref_chosen_logps``/``ref_rejected_logps`` need neither.
+    ``reference``: DPO's :class:`~alignkit.reference.Reference`; rows holding ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` (precomputed) need none.
     """
 
     bar_metrics = ("rewards/accuracies", "rewards/margins")
 
     def __init__(self, method: str, args: PreferenceConfig, pad_token_id: int, *, accelerator=None,
-                 ref_model=None, adapter_ref: bool = False):
+                 reference: Reference | None = None):
         if method not in ("dpo", "simpo", "cpo", "orpo"):
             raise ValueError(f"PreferenceMethod: unknown method {method!r}.")
         self.method, self.args, self.pad_token_id = method, args, pad_token_id
-        self.accelerator, self.ref_model, self.adapter_ref = accelerator, ref_model, adapter_ref
+        self.accelerator, self.reference = accelerator, reference
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -219,7 +165,7 @@ class PreferenceMethod(OfflineMethod):
                 prompt, completion = list(r["prompt_ids"]), list(r[name])
                 seqs.append(prompt + completion)
                 labels.append([IGNORE_INDEX] * len(prompt) + completion)
-        batch = pad_rows(seqs, labels, self.pad_token_id)
+        batch = padded_batch(seqs, labels, self.pad_token_id)
         if all("ref_chosen_logps" in r for r in rows):
             batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
                                               + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
@@ -230,21 +176,14 @@ class PreferenceMethod(OfflineMethod):
 
     # -- reference ----------------------------------------------------------------------------------
 
-    def _autocast(self):
-        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
-
     def reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``log π_ref`` of the 2B rows: precomputed, from the reference model, or the adapter-off policy."""
+        """``log π_ref`` of the 2B rows: precomputed, else from the reference (frozen model or adapter-off policy)."""
         if "ref_logps" in batch:
             return batch["ref_logps"].to(batch["input_ids"].device)
-        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        if self.ref_model is not None:
-            with torch.no_grad(), self._autocast():
-                return completion_logps(self.ref_model, *args)[0]
-        if self.adapter_ref:
-            with reference_context(model), self._autocast():
-                return completion_logps(model, *args)[0]
-        raise RuntimeError("dpo needs reference log-probs: give a ref_model, adapter_ref=True or precomputed rows.")
+        if self.reference is None:
+            raise RuntimeError("dpo needs reference log-probs: give a reference or precomputed rows.")
+        with self.reference.applied(model) as ref, autocast(self.accelerator):
+            return completion_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
 
     def precompute_reference(self, model, rows: list[dict], batch_size: int) -> None:
         """Store ``ref_chosen_logps``/``ref_rejected_logps`` in every row (rows are sharded over processes,
@@ -336,49 +275,17 @@ class PreferenceMethod(OfflineMethod):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_reference(cfg: RunConfig, tokenizer, accelerator, policy) -> tuple[torch.nn.Module | None, bool]:
-    """(placed frozen reference model or None, use the adapter-off policy) for DPO / KTO, logged."""
-    from alignkit.models import load_model
-
-    name, ref_name = cfg.method, cfg.method_args.ref_model
-    if ref_name:
-        ref_cfg = dataclasses.replace(cfg.model, name_or_path=ref_name, gguf_file=None, revision=None,
-                                      finetune="full", gradient_checkpointing=False)
-        logger.info(f"{name} reference: frozen {ref_name} ({name}.ref_model)")
-    elif cfg.model.finetune in ("lora", "qlora"):
-        logger.info(f"{name} reference: the policy with its LoRA adapter disabled (model.finetune="
-                    f"{cfg.model.finetune}; no second copy of the weights)")
-        return None, True
-    else:
-        logger.info(f"{name} reference: no {name}.ref_model given with model.finetune=full, so a frozen copy of "
-                    f"{cfg.model.name_or_path} is loaded as the reference (a second copy of the weights in memory; "
-                    f"set {name}.ref_model, or use model.finetune=lora to reuse the policy with its adapter off)")
-        ref_cfg = dataclasses.replace(cfg.model, finetune="full", gradient_checkpointing=False)
-    ref = load_model(ref_cfg, tokenizer, trainable=False)
-    ref_vocab, policy_vocab = ref.config.get_text_config().vocab_size, policy.config.get_text_config().vocab_size
-    if ref_vocab != policy_vocab:
-        raise ConfigError(f"{name}.ref_model={ref_name!r} has a vocabulary of {ref_vocab} tokens but the policy "
-                          f"{policy_vocab}: the reference must use the policy's tokenizer (log-probs are compared "
-                          "token by token). Use a reference from the same model family, or the policy's base model.")
-    return prepare_frozen(accelerator, ref), False
-
-
 def run(cfg: RunConfig) -> dict:
-    from alignkit.data import build_datasets
-    from alignkit.models import load_model, load_tokenizer
-
     accelerator = setup_accelerator(cfg.training)
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
         splits = build_datasets(cfg.data, tokenizer, "preference")
     model = load_model(cfg.model, tokenizer)  # the policy first: its LoRA init draws from the seeded RNG
-    ref_model, adapter_ref = None, False
-    if cfg.method == "dpo":
-        ref_model, adapter_ref = load_reference(cfg, tokenizer, accelerator, model)
+    reference = load_reference(cfg, tokenizer, accelerator, model) if cfg.method == "dpo" else None
     method = PreferenceMethod(cfg.method, cfg.method_args, tokenizer.pad_token_id, accelerator=accelerator,
-                              ref_model=ref_model, adapter_ref=adapter_ref)
+                              reference=reference)
     if cfg.method == "dpo" and cfg.method_args.precompute_ref_logps:
-        if adapter_ref:
+        if reference.is_adapter_off_policy:
             if zero_stage(accelerator) == 3:
                 raise ConfigError("dpo.precompute_ref_logps with a LoRA policy as its own reference is not supported "
                                   "under ZeRO-3 (the policy is not placed before training); set "
@@ -388,7 +295,7 @@ def run(cfg: RunConfig) -> dict:
             method.precompute_reference(model, rows, cfg.training.per_device_batch_size)
         logger.info("dpo: reference log-probs precomputed for %d train and %d eval rows; reference freed",
                     len(splits.train), len(splits.eval or []))
-        method.ref_model = ref_model = None
+        method.reference = reference = None
         gc.collect()
     result = fit(accelerator, model, tokenizer, method, cfg, splits.train, splits.eval)
     result["data_stats"] = splits.stats

@@ -6,7 +6,7 @@
 2. Best-of-N: on openings of real movie reviews, sample N responses per prompt from SmolLM2 and keep the
    one the sentiment reward model scores highest; mean reward of best-of-N vs a single sample.
 
-    python examples/distill_and_best_of_n.py --out outputs/distill [--reward-model outputs/sentiment/rm]
+    python -m examples.sentiment.distill_and_best_of_n --out outputs/distill [--reward-model outputs/sentiment/rm]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import alignkit
-from alignkit.sentiment import train_reward_model, write_task_files
+from examples.sentiment.task import train_reward_model, write_task_files
 
 
 def half_depth_student(teacher_dir: Path, out: Path) -> Path:
@@ -42,7 +42,7 @@ def half_depth_student(teacher_dir: Path, out: Path) -> Path:
 def distill(method: str, student: Path, out: Path, steps: int, lr: float, gkd_beta: float = 0.5) -> dict:
     section = {"teacher": "smollm2-135m-instruct", "eval_before": True}
     if method == "gkd":
-        section.update({"lmbda": 0.5, "beta": gkd_beta, "max_new_tokens": 32})
+        section.update({"lmbda": 0.5, "beta": gkd_beta, "generation": {"max_new_tokens": 32, "temperature": 0.9}})
     else:
         section.update({"divergence": "forward_kl"})
     res = alignkit.train(method, model={"name_or_path": str(student), "dtype": "float32"},
@@ -59,7 +59,8 @@ def best_of_n(files: dict, rm: Path, out: Path, n: int) -> dict:
     res = alignkit.train("rejection_sampling", model={"name_or_path": "smollm2-135m-instruct", "dtype": "float32"},
                          data={"train": [str(files["prompts_eval"])], "max_length": 96},
                          training={"output_dir": str(out), "overwrite_output_dir": True},
-                         rejection_sampling={"reward_model": str(rm), "num_samples": n, "max_new_tokens": 24,
+                         rejection_sampling={"reward": {"model": str(rm)},
+                                             "generation": {"num_samples": n, "max_new_tokens": 24},
                                              "train_sft": False})
     return res["best_of_n"]
 

@@ -5,7 +5,7 @@
 2. DPO and KTO on SmolLM2-135M-Instruct: "Write a short movie review." with positive reviews preferred
    over negative ones; held-out preference accuracy (log-likelihood of chosen > rejected) before/after.
 
-    python examples/sentiment_preference.py --out outputs/sentiment   # ~15 min on 2 CPU cores
+    python -m examples.sentiment.preference_runs --out outputs/sentiment   # ~15 min on 2 CPU cores
 
 Writes ``results.json`` in ``--out``; the numbers we got are in docs/results.md.
 """
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import alignkit
-from alignkit.evaluation import policy_preference_accuracy, reward_model_accuracy
-from alignkit.sentiment import write_task_files
+from examples.sentiment.evaluation import policy_preference_accuracy, reward_model_accuracy
+from examples.sentiment.task import write_task_files
 
 
 def train_reward_model(files: dict, out: Path, steps: int) -> dict:

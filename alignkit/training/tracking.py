@@ -1,4 +1,5 @@
-"""Metric sinks: progress bar, JSONL file, TensorBoard, Weights & Biases. Only the main process logs."""
+"""Metrics: their reduction over processes (:class:`MetricSums`) and their sinks (:class:`Tracker`: progress
+bar, JSONL file, TensorBoard, Weights & Biases; only the main process writes)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from alignkit.training.accelerator import reduce_sum
 
 logger = logging.getLogger("alignkit")
 
@@ -98,3 +103,49 @@ class Tracker:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+class MetricSums:
+    """Metrics of one step on this process, reduced over processes by :meth:`means` in one all-reduce.
+
+    ``add(name, total, count)`` accumulates a mean (sum and count are summed over processes, then divided);
+    ``add_total(name, value)`` a quantity summed over processes (tokens/s). Every process must add the same
+    names (they become one vector).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+        self.totals: dict[str, float] = {}
+
+    def add(self, name: str, total: float, count: float = 1.0) -> None:
+        entry = self.sums.setdefault(name, [0.0, 0.0])
+        entry[0] += float(total)
+        entry[1] += float(count)
+
+    def add_total(self, name: str, value: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + float(value)
+
+    def add_values(self, name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Mean and (population) standard deviation of ``values`` (where ``mask``) as ``name``, ``name_std``."""
+        v = values.detach().double()
+        if mask is not None:
+            m = (mask != 0).to(v.dtype)
+            v, n = v * m, float(m.sum())
+        else:
+            n = float(v.numel())
+        self.add(name, float(v.sum()), n)
+        self.add(f"{name}_std", float((v * v).sum()), n)  # E[x^2] until means() turns it into a std
+
+    def means(self, accelerator=None) -> dict[str, float]:
+        names, total_names = sorted(self.sums), sorted(self.totals)
+        flat = ([self.sums[k][0] for k in names] + [self.sums[k][1] for k in names]
+                + [self.totals[k] for k in total_names])
+        if accelerator is not None:
+            flat = reduce_sum(accelerator, flat)
+        n = len(names)
+        out = {k: s / c if c else 0.0 for k, s, c in zip(names, flat[:n], flat[n:2 * n])}
+        for k in names:
+            if k.endswith("_std") and k[:-4] in out:
+                out[k] = math.sqrt(max(out[k] - out[k[:-4]] ** 2, 0.0))
+        out.update(zip(total_names, flat[2 * n:]))
+        return out

@@ -1,4 +1,7 @@
-"""``alignkit demo``: the InstructGPT pipeline SFT → RM → PPO on real models and data, sized for a CPU.
+"""The demo (``make demo``): the InstructGPT pipeline SFT → RM → PPO on real models and data, sized for a CPU.
+
+    python -m examples.sentiment.demo [--output-dir outputs/demo] [--steps 12]
+
 
 1. SFT: fine-tune SmolLM2-135M-Instruct on a slice of the Alpaca demo instructions.
 2. RM: train a reward model on real movie-review snippets ordered by their human sentiment scores,
@@ -46,9 +49,9 @@ def ppo_stage(out: Path, policy: Path, reward_model: Path, files: dict, steps: i
         "data": {"train": [str(files["prompts_train"])], "max_length": 96},
         "training": {"output_dir": str(out), "max_steps": steps, "per_device_batch_size": 8,
                      "learning_rate": 3e-6, "overwrite_output_dir": True, "lr_scheduler": "constant"},
-        "ppo": {"reward_model": str(reward_model), "max_new_tokens": 20, "rollout_batch_size": 8,
-                "ppo_epochs": 2, "kl_coef": 0.05, "temperature": 1.0, "missing_eos_penalty": 0.0,
-                "log_samples": 2},
+        "ppo": {"generation": {"max_new_tokens": 20, "temperature": 1.0},
+                "reward": {"model": str(reward_model), "missing_eos_penalty": 0.0},
+                "rollout_batch_size": 8, "ppo_epochs": 2, "kl_coef": 0.05, "log_samples": 2},
     }
 
 
@@ -58,10 +61,10 @@ def _rewards(out: Path) -> list[dict]:
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None) -> dict:
-    from alignkit.api import train
+    from alignkit import train
     from alignkit.assets import fetch
-    from alignkit.evaluation import mean_policy_reward, reward_model_accuracy
-    from alignkit.sentiment import train_reward_model, write_task_files
+    from examples.sentiment.evaluation import mean_policy_reward, reward_model_accuracy
+    from examples.sentiment.task import train_reward_model, write_task_files
 
     out = Path(output_dir)
     t0 = time.time()
@@ -102,3 +105,20 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None) 
     print(f"\ndemo finished in {time.time() - t0:.0f} s; models under {out}/ (sft, rm, ppo)")
     return {"sft": sft, "rm_accuracy": rm_acc, "ppo": ppo, "answer": answer, "reward_before": before,
             "reward_after": after}
+
+
+def main() -> None:
+    import argparse
+
+    from alignkit.api import setup_logging
+
+    ap = argparse.ArgumentParser(description="SFT -> reward model -> PPO on real models and data (CPU-sized).")
+    ap.add_argument("--output-dir", default="outputs/demo")
+    ap.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's own)")
+    args = ap.parse_args()
+    setup_logging()
+    run_demo(args.output_dir, steps=args.steps)
+
+
+if __name__ == "__main__":
+    main()

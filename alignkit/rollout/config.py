@@ -1,0 +1,52 @@
+"""How responses are sampled: the ``generation:`` section of the online methods, rejection sampling and
+distillation (e.g. ``grpo.generation.num_samples``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignkit.config import ConfigError, check_choice, opt
+
+SAMPLERS = ("hf", "vllm")
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings (YAML section ``generation:``). Log-probs in RL assume the same temperature."""
+
+    max_new_tokens: int = opt(128, "Most tokens generated per response; a response cut here has ended_with_eos=False.")
+    temperature: float = opt(1.0, "Sampling temperature (0 = greedy). RL log-probs assume the same temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this much probability (1 = off).")
+    top_k: int = opt(0, "Keep only the k most likely tokens (0 = off).")
+    num_samples: int = opt(1, "Responses sampled per prompt (the group size of RLOO/GRPO); consecutive rows.")
+    do_sample: bool = opt(True, "Sample; false = greedy decoding (temperature/top_p/top_k ignored).")
+    batch_size: int = opt(0, "Sequences (prompts x samples) per generate call; 0 = all at once. Lower it when "
+                             "generation runs out of memory.")
+    sampler: str = opt("hf", "hf (model.generate on the training model) or vllm (a colocated vLLM; "
+                             "pip install alignkit[vllm]).")
+    zero3_gather: bool = opt(True, "Under DeepSpeed ZeRO-3, gather the full weights once per rollout (fast; every GPU "
+                                   "holds the whole model while generating). false: fetch layer by layer per token (slow).")
+    vllm_gpu_memory_utilization: float = opt(0.3, "Fraction of GPU memory vLLM may take (weights + KV cache), next to training.")
+    vllm_tensor_parallel_size: int = opt(1, "GPUs one vLLM instance spans; must divide the number of training processes.")
+    vllm_max_model_len: int | None = opt(None, "vLLM context length (prompt + response); None = the model's maximum.")
+
+    def check(self, section: str = "generation") -> None:
+        """Raise ConfigError naming ``section.key`` for a bad value."""
+        check_choice(f"{section}.sampler", self.sampler, SAMPLERS)
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("num_samples", self.num_samples >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+            ("batch_size", self.batch_size >= 0, ">= 0 (0 = all at once)"),
+            ("vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
+            ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, "at least 1"),
+        ]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{section}.{key}={getattr(self, key)!r}: must be {rule}.")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0

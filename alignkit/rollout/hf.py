@@ -1,0 +1,112 @@
+"""The ``hf`` sampler: ``model.generate`` on the training model itself."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from alignkit.data import attention_mask_from_lengths, pad
+from alignkit.models import eval_mode, model_device, unwrap_model
+from alignkit.rollout.batch import Rollout, build_rollout, check_prompts, eos_token_ids, pad_token_id
+from alignkit.rollout.config import SamplingConfig
+from alignkit.rollout.zero3 import gathered_parameters, zero3_params
+
+
+@contextlib.contextmanager
+def _clean_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Hide the checkpoint's generation_config.json defaults during generate.
+
+    transformers fills every option we leave unset from the model's generation config (a hub
+    repetition_penalty, min_p, min_length, ...); those would change the sampling distribution behind the
+    RL log-probs' back. A blank config leaves only what :class:`SamplingConfig` says.
+    """
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = getattr(base, "generation_config", None)
+    if original is None:
+        yield
+        return
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = original
+
+
+class HFSampler:
+    """Rollouts with ``model.generate`` on the training model.
+
+    - Prompts are left-padded here (built directly from the ids; the tokenizer's padding side is not
+      touched) and positions follow the attention mask, so a prompt's response does not depend on
+      the other prompts of its batch.
+    - ``num_samples`` copies of each prompt are consecutive rows; batches of ``batch_size`` sequences
+      bound the KV-cache memory.
+    - Stops at any eos id of the tokenizer and of the model's (generation) config.
+    - The model runs in eval mode with ``use_cache=True`` and goes back to its previous mode after.
+    - Works on plain and PEFT models and on accelerate/DDP/DeepSpeed wrappers (unwrapped here). Under
+      DeepSpeed ZeRO-3 the full weights are gathered once per rollout (:func:`gathered_parameters`):
+      fast, but every GPU then holds the whole model besides its shard, optimizer state and KV cache.
+      With ``zero3_gather: false`` each forward fetches layers as in training (fits any model that
+      trains, one all-gather per layer per token: slow) and ``synced_gpus`` keeps processes in step;
+      then every process must run the same number of batches.
+    - Sampling ignores the checkpoint's generation_config.json (repetition penalties etc.): the
+      samples come from ``softmax(logits / temperature)`` with top-k/top-p only.
+    """
+
+    def __init__(self, tokenizer, config: SamplingConfig, device: torch.device | str | None = None):
+        config.check()
+        self.tokenizer, self.config, self.device = tokenizer, config, device
+
+    def _generation_config(self, eos_ids: list[int], pad_id: int):
+        from transformers import GenerationConfig
+
+        c = self.config
+        kwargs = dict(max_new_tokens=c.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
+                      num_beams=1, num_return_sequences=1)
+        if c.greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
+        return GenerationConfig(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, seed: int | None = None) -> Rollout:
+        """Sample ``num_samples`` responses for each prompt (unpadded token-id lists).
+
+        ``seed`` makes the sampling reproducible without touching the global RNG; None draws from the
+        global RNG (seeded by ``training.seed``).
+        """
+        prompts = check_prompts(prompts)
+        k = self.config.num_samples
+        prompt_index = torch.arange(len(prompts)).repeat_interleave(k)
+        expanded = [prompts[i] for i in prompt_index.tolist()]
+        inner = unwrap_model(model)
+        eos_ids = eos_token_ids(self.tokenizer, inner)
+        pad_id = pad_token_id(self.tokenizer, eos_ids)
+        gen_config = self._generation_config(eos_ids, pad_id)
+        step = self.config.batch_size or len(expanded)
+        zero3 = bool(zero3_params(model))
+        gather = self.config.zero3_gather
+
+        responses: list[list[int]] = []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(eval_mode(inner))
+            stack.enter_context(_clean_generation_config(inner))
+            if zero3 and gather:
+                stack.enter_context(gathered_parameters(model))
+            device = torch.device(self.device) if self.device is not None else model_device(inner)
+            if seed is not None:
+                devices = [device] if device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+                torch.manual_seed(seed)
+            for start in range(0, len(expanded), step):
+                chunk = expanded[start:start + step]
+                ids = pad(chunk, pad_id, side="left")
+                mask = attention_mask_from_lengths([len(p) for p in chunk], side="left")
+                out = inner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=gen_config, synced_gpus=zero3 and not gather)
+                responses += out[:, ids.shape[1]:].tolist()
+        return build_rollout(expanded, responses, prompt_index, eos_ids, pad_id, self.tokenizer, device)

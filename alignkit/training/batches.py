@@ -1,0 +1,90 @@
+"""Data order and seeds that a resumed run replays exactly.
+
+- :class:`BatchStream`: a seeded permutation per epoch, cut into global batches and sharded by rank;
+  a run resumed at micro-batch ``n`` continues with micro-batch ``n``.
+- :func:`minibatches`: a seeded shuffle of a rollout's rows into optimizer minibatches.
+- :func:`derived_seed`: independent seeds from integers (training seed, step, rank, ...), so sampling and
+  shuffling never draw from the global RNG (whose state a resumed run does not share).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from alignkit.errors import TrainingError
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. training.seed, step, rank); independent streams per tuple."""
+    digest = hashlib.sha256("/".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class BatchStream:
+    """Micro-batches in a fixed order that a resumed run can replay from any position.
+
+    Epoch ``e`` visits ``randperm(n, seed + e)``; global batch ``g`` is rows ``[g*B*W, (g+1)*B*W)``
+    and process ``r`` takes its ``r``-th slice of ``B`` rows. Incomplete global batches are dropped.
+    """
+
+    def __init__(self, rows: list[dict], collate, *, batch_size: int, world: int, rank: int, seed: int,
+                 shuffle: bool = True, num_workers: int = 0, what: str = "rows",
+                 batch_size_key: str = "training.per_device_batch_size"):
+        self.rows, self.collate = rows, collate
+        self.batch_size, self.world, self.rank = batch_size, world, rank
+        self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.batches_per_epoch = len(rows) // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise TrainingError(
+                f"{len(rows)} {what} is less than one global batch ({batch_size} per process x {world} processes); "
+                f"lower {batch_size_key} or add data."
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.rows)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(n))
+        per_global = self.batch_size * self.world
+        out = []
+        for g in range(self.batches_per_epoch):
+            start = g * per_global + self.rank * self.batch_size
+            out.append(order[start:start + self.batch_size])
+        return out
+
+    def iterate(self, start_micro_step: int = 0) -> Iterator[dict]:
+        """Endless micro-batches, starting at global micro-batch index ``start_micro_step``."""
+        from torch.utils.data import DataLoader
+
+        epoch, offset = divmod(start_micro_step, self.batches_per_epoch)
+        while True:
+            batches = self.epoch_batches(epoch)[offset:]
+            # its own generator: the loader must not draw from the global RNG (dropout's), or a
+            # resumed run would see different dropout masks than the uninterrupted one
+            loader = DataLoader(self.rows, batch_sampler=batches, collate_fn=self.collate,
+                                num_workers=self.num_workers,
+                                generator=torch.Generator().manual_seed(self.seed + epoch))
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+
+def eval_batches(rows: list[dict], collate, batch_size: int, world: int, rank: int) -> Iterator[dict]:
+    """This process's share of the eval rows; every process gets the same number of batches."""
+    usable = len(rows) - len(rows) % world
+    mine = rows[rank:usable:world]
+    for i in range(0, len(mine), batch_size):
+        yield collate(mine[i:i + batch_size])
+
+
+def minibatches(n: int, size: int, seed: int) -> list[torch.Tensor]:
+    """A seeded permutation of ``range(n)`` cut into index tensors of ``size`` rows (the last may be short)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(order.split(size))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
