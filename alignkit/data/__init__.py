@@ -2,13 +2,15 @@
 
 ``build_datasets(cfg.data, tokenizer, kind)`` is the one entry point methods call::
 
-    read_source (sources.py)   file / folder / hub / named asset -> rows with their origin
-    mix + eval split           ratios per source, deterministic with data.shuffle_seed
-    normalize_rows (formats)   TRL / Alpaca / ShareGPT / text -> canonical records of the kind
-    tokenize_example           chat template, assistant-only labels, truncation (tokenize.py)
-    pack_sft                   optional, sft only
+    per source:
+      read_source (sources.py)   file / folder / hub / named asset / dataset_info.json#name -> rows
+      normalize_rows (formats)   TRL / Alpaca / ShareGPT / LLaMA-Factory / text -> canonical records
+      tokenize_example           chat template, assistant-only labels, truncation (tokenize.py)
+    mix + eval split             ratios per source, deterministic with data.shuffle_seed
+    pack_sft                     optional, sft only
 
-The result is plain lists of dicts (see ``tokenize_example`` for the fields of each kind).
+The result is plain lists of dicts (see ``tokenize_example`` for the fields of each kind). Every row a
+source yields is either used or skipped (and logged): per source, rows_read = rows_used + skipped.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ from alignkit.data.formats import (
     KIND_FORMATS,
     KINDS,
     REQUIRED_FIELDS,
+    LlamaFactoryFormat,
+    Suggestion,
     check_roles,
     detect_format,
+    from_llamafactory,
+    llamafactory_format,
     normalize_record,
     normalize_rows,
+    suggest_format,
 )
-from alignkit.data.sources import DataError, Row, read_source
+from alignkit.data.sources import DataError, Row, read_source, rename_fields
 from alignkit.data.tokenize import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -46,9 +53,10 @@ from alignkit.data.tokenize import (
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "FORMAT_FIELDS", "IGNORE_INDEX", "KINDS", "KIND_FORMATS", "REQUIRED_FIELDS",
-    "DataError", "DatasetSplits", "Row", "attention_mask_from_lengths", "build_datasets", "check_roles",
-    "detect_format", "ensure_chat_template", "eval_count", "mix", "normalize_record", "normalize_rows",
-    "pack_sft", "pad", "padded_batch", "read_source", "tokenize_conversation", "tokenize_example", "truncate",
+    "DataError", "DatasetSplits", "LlamaFactoryFormat", "Row", "Suggestion", "attention_mask_from_lengths",
+    "build_datasets", "check_roles", "detect_format", "ensure_chat_template", "eval_count", "from_llamafactory",
+    "llamafactory_format", "mix", "normalize_record", "normalize_rows", "pack_sft", "pad", "padded_batch",
+    "read_source", "rename_fields", "suggest_format", "tokenize_conversation", "tokenize_example", "truncate",
 ]
 
 logger = logging.getLogger("alignkit")
@@ -62,11 +70,13 @@ class DatasetSplits:
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, kind: str, *, packing: bool = False) -> DatasetSplits:
-    """Read, mix, split, normalise and tokenize ``data_cfg``'s sources for a method of ``kind``
-    (sft, preference, unpaired, prompt, scored).
+    """Read, normalise and tokenize ``data_cfg``'s sources for a method of ``kind`` (sft, preference,
+    unpaired, prompt, scored), then mix them and split off eval rows.
 
-    stats: sources (per source: path, rows_read, skipped, rows_used), skipped, truncated_prompt,
-    truncated_completion, train_rows, eval_rows (and packed_train_rows / packed_eval_rows with packing).
+    stats: sources / eval_sources (per source: path, split, rows_read, rows_used, skipped, where
+    rows_read = rows_used + skipped; train sources also rows_drawn = round(ratio * rows_used), the rows
+    the mix takes), skipped (all sources), truncated_prompt, truncated_completion (counted once per source
+    row), train_rows, eval_rows (and packed_train_rows / packed_eval_rows with packing).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; kinds: {', '.join(KINDS)}.")
@@ -76,19 +86,23 @@ def build_datasets(data_cfg: DataConfig, tokenizer, kind: str, *, packing: bool 
         raise DataError("data.train is empty",
                         fix="Set data.train to a file, folder, hub dataset or named asset (see `alignkit assets`).")
     skipped: list[DataError] = []
+    counts: Counter = Counter()
     stats: dict[str, Any] = {"sources": [], "eval_sources": []}
+
+    def load(src: DataSource, infos: list[dict]) -> list[list[dict[str, Any]]]:
+        groups, info = _load_source(src, tokenizer, kind, data_cfg, counts, skipped)
+        infos.append(info)
+        return groups
 
     train_groups = []
     for src in data_cfg.train:
-        groups = _read_and_normalize(src, kind, data_cfg, skipped, stats["sources"])
-        stats["sources"][-1]["rows_used"] = round(src.ratio * len(groups))
+        groups = load(src, stats["sources"])
+        stats["sources"][-1]["rows_drawn"] = round(src.ratio * len(groups))
         train_groups.append((src, groups))
     mixed = mix(train_groups, random.Random(data_cfg.shuffle_seed))
 
     if data_cfg.eval:
-        eval_groups = []
-        for src in data_cfg.eval:
-            eval_groups += _read_and_normalize(src, kind, data_cfg, skipped, stats["eval_sources"])
+        eval_groups = [g for src in data_cfg.eval for g in load(src, stats["eval_sources"])]
     elif data_cfg.eval_split > 0:
         n_eval = eval_count(data_cfg.eval_split, len(mixed))
         eval_groups = mixed[:n_eval]
@@ -100,12 +114,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer, kind: str, *, packing: bool 
         raise DataError("no training rows left" + (f" ({len(skipped)} bad rows skipped)" if skipped else ""),
                         source="data.train", fix="Check the sources, their `limit`/`ratio`, and data.eval_split.")
 
-    counts: Counter = Counter()
-    train = _tokenize_all(mixed, tokenizer, kind, data_cfg, counts, skipped)
-    eval_rows = _tokenize_all(eval_groups, tokenizer, kind, data_cfg, counts, skipped) if eval_groups else None
-    if not train:
-        raise DataError(f"every training row was skipped ({len(skipped)} bad rows)", source="data.train",
-                        fix="Fix the data (run with data.on_bad_row=error to see the first problem).")
+    train = _flatten(mixed)
+    eval_rows = _flatten(eval_groups) if eval_groups else None
     stats.update(skipped=len(skipped), truncated_prompt=counts["truncated_prompt"],
                  truncated_completion=counts["truncated_completion"], train_rows=len(train),
                  eval_rows=len(eval_rows) if eval_rows else 0)
@@ -152,38 +162,51 @@ def eval_count(eval_split: float, n: int) -> int:
     return n_eval
 
 
-def _read_and_normalize(src: DataSource, kind: str, data_cfg: DataConfig, skipped: list[DataError],
-                        infos: list[dict]) -> list[list[Row]]:
+def _load_source(src: DataSource, tokenizer, kind: str, data_cfg: DataConfig, counts: Counter,
+                 skipped: list[DataError]) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
+    """The tokenized examples of one source, grouped per source row, and its row accounting. Every row
+    read ends up in exactly one group or one entry of ``skipped``."""
     before = len(skipped)
     rows = read_source(src, on_bad_row=data_cfg.on_bad_row, skipped=skipped)
-    rows_read = len(rows) + len(skipped) - before  # malformed lines count as read (and skipped)
+    rows_read = len(rows) + len(skipped) - before  # malformed rows count as read (and skipped)
     groups = normalize_rows(rows, kind, fmt=src.format, system_prompt=data_cfg.system_prompt,
                             on_bad_row=data_cfg.on_bad_row, skipped=skipped)
-    n_skipped = len(skipped) - before
-    infos.append({"path": src.path, "split": src.split, "rows_read": rows_read, "skipped": n_skipped})
-    if not groups:
-        raise DataError("no usable rows" + (f" ({n_skipped} bad rows skipped)" if n_skipped else ""),
+    examples = _tokenize_groups(groups, tokenizer, kind, data_cfg, counts, skipped)
+    info = {"path": src.path, "split": src.split, "rows_read": rows_read, "rows_used": len(examples),
+            "skipped": len(skipped) - before}
+    logger.info("%s: %d rows read = %d used + %d skipped", src.path, rows_read, info["rows_used"], info["skipped"])
+    if not examples:
+        raise DataError("no usable rows" + (f" ({info['skipped']} bad rows skipped)" if info["skipped"] else ""),
                         source=src.path, fix="Check the file and its `format:`/`columns:` settings.")
-    return groups
+    return examples, info
 
 
-def _tokenize_all(groups: list[list[Row]], tokenizer, kind: str, data_cfg: DataConfig, counts: Counter,
-                  skipped: list[DataError]) -> list[dict[str, Any]]:
-    rows = [row for group in groups for row in group]
-    if any(_is_conversation(r.data) for r in rows):
+def _tokenize_groups(groups: list[list[Row]], tokenizer, kind: str, data_cfg: DataConfig, counts: Counter,
+                     skipped: list[DataError]) -> list[list[dict[str, Any]]]:
+    """Tokenized groups; a group with a bad row is skipped whole (one source row, one skip)."""
+    if any(_is_conversation(r.data) for group in groups for r in group):
         ensure_chat_template(tokenizer)
     out = []
-    for row in rows:
+    for group in groups:
+        group_counts: Counter = Counter()
         try:
-            out.append(tokenize_example(row.data, tokenizer, kind, max_length=data_cfg.max_length,
-                                        max_prompt_length=data_cfg.max_prompt_length, stats=counts))
+            out.append([tokenize_example(row.data, tokenizer, kind, max_length=data_cfg.max_length,
+                                         max_prompt_length=data_cfg.max_prompt_length, stats=group_counts)
+                        for row in group])
         except DataError as e:
-            err = e.at(row)
+            err = next(e.at(row) for row in group)
             if data_cfg.on_bad_row != "skip":
                 raise err from None
             logger.warning("skipping bad row: %s", err)
             skipped.append(err)
+            continue
+        counts.update(group_counts)
     return out
+
+
+def _flatten(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    # A row drawn several times (ratio > 1) gets its own dict each time, as methods may add fields to rows.
+    return [dict(example) for group in groups for example in group]
 
 
 def _is_conversation(record: dict) -> bool:

@@ -112,7 +112,8 @@ def test_mixing_ratios_are_deterministic(tmp_path, tok):
     assert counts == {"small": 25, "big": 10}
     assert Counter(t for t in texts if t.startswith("small")).most_common()[-1][1] >= 2  # every row at least twice
     assert len({t for t in texts if t.startswith("big")}) == 10  # sampled without replacement
-    assert [s["rows_used"] for s in splits.stats["sources"]] == [25, 10]
+    assert [s["rows_drawn"] for s in splits.stats["sources"]] == [25, 10]
+    assert [s["rows_used"] for s in splits.stats["sources"]] == [10, 20]
     again = [tok.decode(r["input_ids"][:-1]) for r in build_datasets(config, tok, "sft").train]
     assert again == texts
     other_seed = cfg(DataSource(small, ratio=2.5), DataSource(big, ratio=0.5), shuffle_seed=4)
@@ -157,7 +158,7 @@ def test_skip_mode_counts_every_bad_row(tmp_path, tok, caplog):
         splits = build_datasets(cfg(str(path), on_bad_row="skip"), tok, "sft")
     assert len(splits.train) == 2 and splits.stats["skipped"] == 3
     assert splits.stats["sources"][0] == {"path": str(path), "split": "train", "rows_read": 5, "skipped": 3,
-                                          "rows_used": 2}
+                                          "rows_used": 2, "rows_drawn": 2}
     assert "skipped 3 bad rows" in caplog.text
 
 
