@@ -249,6 +249,7 @@ FIELD_SYNONYMS: dict[str, tuple[str, ...]] = {
     "instruction": ("question", "query", "prompt", "task", "problem"),
     "output": ("answer", "response", "completion", "target", "solution"),
     "text": ("content", "document", "body", "passage", "sentence"),
+    "score": ("rating", "reward_score", "quality", "grade", "value"),
 }
 _PLAIN_NAME = re.compile(r"[A-Za-z_][\w.-]*")
 # Among equally close formats, suggest the plain TRL shapes before the Alpaca/ShareGPT ones.
@@ -285,7 +286,7 @@ def suggest_format(record: dict[str, Any], kind: str) -> Suggestion | None:
     best_key: tuple = ()
     for fmt in KIND_FORMATS[kind]:
         generic = fmt not in _GENERIC_FORMATS
-        for columns in _candidate_mappings(record, fmt):
+        for columns in _candidate_mappings(record, fmt, kind):
             renamed = rename_fields(record, columns)
             try:
                 normalize_record(renamed, kind, fmt)
@@ -305,10 +306,12 @@ def _fix_text(record: dict[str, Any], kind: str) -> str:
     return "Rename the columns to one of these shapes with `columns:` of the data source."
 
 
-def _candidate_mappings(record: dict[str, Any], fmt: str):
-    """`columns:` mappings (old -> new) that would give ``record`` the required fields of ``fmt`` (and,
-    where a column looks like one, its optional fields)."""
+def _candidate_mappings(record: dict[str, Any], fmt: str, kind: str):
+    """`columns:` mappings (old -> new, in the record's column order) that would give ``record`` the
+    required fields of ``fmt`` (and, where a column looks like one, its optional fields)."""
     required, optional = FORMAT_FIELDS[fmt]
+    if kind == "scored" and not any(_present(record, f) for f in SCORE_FIELDS):
+        required += ("score",)
     missing = [f for f in required if not _present(record, f)]
     if any(f in record for f in missing):
         return  # a None-valued column of that name would block the rename
@@ -319,7 +322,8 @@ def _candidate_mappings(record: dict[str, Any], fmt: str):
     for sources in itertools.product(*options):
         chosen = [s for s in sources if s is not None]
         if len(set(chosen)) == len(chosen):
-            yield {source: target for source, target in zip(sources, targets) if source is not None}
+            mapping = dict(zip(sources, targets))
+            yield {source: mapping[source] for source in record if source in mapping}
 
 
 def _source_columns(field: str, free: list[str]) -> list[str]:

@@ -452,8 +452,11 @@ def _read_csv(path: Path, delimiter: str, limit: int | None, on_bad_row: str,
                 break
             first, last = lines.first, lines.count
             if fields:  # a blank line is not a row
+                if len(fields) != len(header) and last > first:
+                    # Fatal even when skipping: rows a stray quote swallowed would vanish uncounted.
+                    raise _swallowed_rows_error(fields, header, name, first, last, lines.current, delimiter)
                 try:
-                    rows.append(_csv_row(fields, header, name, first, last, lines.current, delimiter))
+                    rows.append(_csv_row(fields, header, name, first, delimiter))
                     spanning += last > first
                 except DataError as err:
                     _skip_or_raise(err, on_bad_row, skipped)
@@ -484,24 +487,27 @@ def _check_csv_header(header: list[str], name: str) -> None:
         seen.add(column)
 
 
-def _csv_row(fields: list[str], header: list[str], name: str, first: int, last: int, record_lines: list[str],
-             delimiter: str) -> Row:
-    origin = Row({}, name, first, "line")
-    if len(fields) == len(header):
-        return origin.with_data({k: _csv_cell(v) for k, v in zip(header, fields)})
-    counts = f"has {len(fields)} fields but the header has {len(header)}"
-    opened = _quote_spanning_lines("".join(record_lines), delimiter)
-    if last > first and opened is not None:
-        # Fatal even when skipping: the rows this quote swallowed would vanish without being counted.
-        line, col = _line_col("".join(record_lines), opened)
-        raise DataError(f"the row starting here {counts} and spans lines {first}-{last}: the field quoted at "
-                        f"line {first + line - 1}, column {col} runs over line breaks, so a stray quote there may "
-                        "have swallowed the rows after it", origin=origin,
-                        fix=f"{_QUOTE_FIX} (this stops the read even with data.on_bad_row=skip, which would lose "
-                            "the swallowed rows uncounted).")
-    raise DataError(f"the row {counts}", origin=origin,
-                    fix=f"Quote fields that contain the delimiter ({delimiter!r}), or fix the row; "
-                        "data.on_bad_row=skip drops such rows.")
+def _csv_row(fields: list[str], header: list[str], name: str, line: int, delimiter: str) -> Row:
+    origin = Row({}, name, line, "line")
+    if len(fields) != len(header):
+        raise DataError(f"the row has {len(fields)} fields but the header has {len(header)}", origin=origin,
+                        fix=f"Quote fields that contain the delimiter ({delimiter!r}), or fix the row; "
+                            "data.on_bad_row=skip drops such rows.")
+    return origin.with_data({k: _csv_cell(v) for k, v in zip(header, fields)})
+
+
+def _swallowed_rows_error(fields: list[str], header: list[str], name: str, first: int, last: int,
+                          record_lines: list[str], delimiter: str) -> DataError:
+    """A row with the wrong number of fields that spans lines: the quoted field that spans them is where
+    a stray quote would have opened."""
+    text = "".join(record_lines)
+    line, col = _line_col(text, _quote_spanning_lines(text, delimiter) or 0)
+    return DataError(f"the row starting here has {len(fields)} fields but the header has {len(header)} and spans "
+                     f"lines {first}-{last}: the field quoted at line {first + line - 1}, column {col} runs over line "
+                     "breaks, so a stray quote there may have swallowed the rows after it",
+                     origin=Row({}, name, first, "line"),
+                     fix=f"{_QUOTE_FIX} (this stops the read even with data.on_bad_row=skip, which would lose the "
+                         "swallowed rows uncounted).")
 
 
 def _csv_syntax_error(e: csv.Error, lines: _RecordLines, name: str, delimiter: str) -> DataError:
@@ -583,7 +589,8 @@ def _read_parquet(path: Path) -> list[Row]:
 
     name = str(path)
     try:
-        table = pq.read_table(pa.BufferReader(_read_bytes(path)) if _is_gz(path) else name)
+        # ParquetFile, not read_table: it reads duplicate column names, which the check below reports clearly
+        table = pq.ParquetFile(pa.BufferReader(_read_bytes(path)) if _is_gz(path) else name).read()
         _check_unique_columns(table.column_names, name)
         records = table.to_pylist()
     except DataError:
@@ -650,7 +657,7 @@ def _split_files(path: Path, split: str) -> list[Path] | None:
         raise DataError("the folder holds no data files", source=str(path),
                         fix=f"Put data files ({', '.join(FILE_TYPES)}) in it, or point at a file.") from e
     if split not in by_split:
-        raise DataError(f"no data files for split {split!r}; splits found: {', '.join(by_split)}", source=str(path),
+        raise DataError(f"no data files for split {split!r}; splits found: {', '.join(map(str, by_split))}", source=str(path),
                         fix="Set `split:` of this data source to one of them (file names like train.jsonl, "
                             "test.jsonl name the splits).")
     files = sorted(Path(f) for f in by_split[split])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +149,303 @@ def test_gzipped_jsonl(tmp_path):
     with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
         f.write("\n".join(json.dumps(r) for r in RECORDS))
     assert data_of(read_source(DataSource(str(tmp_path / "d.jsonl.gz")))) == RECORDS
+
+
+# ---- CSV: quoting rule, field counts, header --------------------------------------------------------
+
+def read(path, on_bad_row="error", **source):
+    skipped = []
+    rows = read_source(DataSource(str(path), **source), on_bad_row=on_bad_row, skipped=skipped)
+    return rows, skipped
+
+
+def test_csv_multiline_quoted_fields_are_rows_at_their_first_line(tmp_path):
+    import csv
+
+    records = [["1", "Dear Bob,\nthanks, see you", 'she said "hi"'], ["2", "one line", "x"],
+               ["3", "a\r\nb", "5\" screen"]]
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "note"])
+        w.writerows(records)
+    rows, _ = read(path)
+    assert [list(r.data.values()) for r in rows] == records
+    assert [r.where() for r in rows] == [f"{path} line 2", f"{path} line 4", f"{path} line 5"]
+
+
+@pytest.mark.parametrize("text, line, message", [
+    # the stray quote never closes: every later row would become part of one field
+    ('id,text,label\n1,ok,pos\n2,"hello, world,pos\n3,fine,neg\n4,ok,pos\n', 3,
+     "the quote opening the field at column 3 never closes, so the rest of the file (2 more lines)"),
+    # it closes at a later field's opening quote, which is followed by text
+    ('id,text,label\n1,"hello, world,pos\n2,fine,neg\n3,"ok",pos\n', 2,
+     "the field quoted at column 3 closes only on line 4"),
+    # on one line: text after a closing quote (non-strict CSV would silently drop the quotes)
+    ('id,text,label\n1,"5" screen,pos\n', 2, "the field quoted at column 3 has text after its closing quote"),
+    # it closes cleanly but the row has the wrong number of fields
+    ('id,text,label\n1,"hello\n2,fine,neg\n3,5",pos,x\n4,a,b\n', 2, "has 4 fields but the header has 3 and spans "
+                                                                    "lines 2-4: the field quoted at line 2, column 3"),
+])
+def test_csv_stray_quote_names_where_it_opened_even_when_skipping(tmp_path, text, line, message):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError) as e:
+            read(path, on_bad_row=mode)
+        assert str(e.value).startswith(f"{path} line {line}: ") and message in str(e.value)
+        assert 'double the quote (e.g. "5"" screen"' in str(e.value) and e.value.row == line
+
+
+def test_csv_wrong_field_count_on_one_line_is_a_row_error(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("a\tb\n1\t2\t3\n4\t5\n\n6\n")
+    with pytest.raises(DataError, match=r"d.tsv line 2: the row has 3 fields but the header has 2. Quote fields "
+                                        r"that contain the delimiter \('\\t'\)"):
+        read(path)
+    rows, skipped = read(path, on_bad_row="skip")
+    assert [r.data for r in rows] == [{"a": "4", "b": "5"}]  # the blank line 4 is not a row
+    assert [e.row for e in skipped] == [2, 5]
+
+
+def test_csv_duplicate_header_and_limit(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("q,a,q\n1,2,3\n")
+    with pytest.raises(DataError, match="d.csv line 1, field 'q': column 'q' appears twice in the header"):
+        read(path)
+    path.write_text("q,a\n" + "".join(f"{i},x\n" for i in range(5)) + "bad\n")
+    rows, skipped = read(path, on_bad_row="skip", limit=3)
+    assert [r.data["q"] for r in rows] == ["0", "1", "2"] and not skipped  # rows past the limit are not read
+
+
+def test_csv_byte_order_mark(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("\ufeffq,a\n1,2\n".encode())
+    assert read(path)[0][0].data == {"q": "1", "a": "2"}
+
+
+# ---- encodings -----------------------------------------------------------------------------------
+
+def test_non_utf8_jsonl_line_names_line_column_and_byte_offset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(RECORDS[0]).encode() + b"\n"
+    path.write_bytes(good + b'{"prompt": "caf\xe9", "completion": "x"}\n' + good)
+    with pytest.raises(DataError) as e:
+        read(path)
+    assert str(e.value).startswith(f"{path} line 2: not UTF-8 text: byte 0xe9 at column 16 (byte offset "
+                                   f"{len(good) + 15}) cannot be decoded. Re-encode the file as UTF-8")
+    rows, skipped = read(path, on_bad_row="skip")
+    assert [r.index for r in rows] == [1, 3] and [e.row for e in skipped] == [2]
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.csv", "d.json.gz", "d.csv.gz"])
+def test_non_utf8_whole_file_is_fatal_even_when_skipping(tmp_path, name):
+    import gzip
+
+    raw = b'[{"prompt": "ok",\n  "completion": "caf\xe9"}]' if ".json" in name else b"prompt,completion\nok,caf\xe9\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    with pytest.raises(DataError) as e:
+        read(path, on_bad_row="skip")
+    assert f"{path} line 2: not UTF-8 text: byte 0xe9" in str(e.value)
+    assert "on_bad_row=skip cannot drop only part of it" in str(e.value)
+
+
+def test_utf16_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(RECORDS[0]).encode("utf-16"))
+    with pytest.raises(DataError, match="d.jsonl: the file is UTF-16 .* `iconv -f utf-16 -t utf-8"):
+        read(path, on_bad_row="skip")
+
+
+# ---- JSON: duplicate keys and error positions ------------------------------------------------------
+
+def test_duplicate_keys_name_line_column_and_key(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps(RECORDS[0]) + '\n{"prompt": "a", "completion": "b", "prompt": "c"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl line 2: duplicate key 'prompt' at column 36 \(JSON readers keep "
+                                        "only its last value\\)"):
+        read(jsonl)
+    assert [r.index for r in read(jsonl, on_bad_row="skip")[0]] == [1]
+
+    whole = tmp_path / "d.json"
+    whole.write_text('[\n  {"messages": [{"role": "user", "content": "a"},\n'
+                     '                {"role": "assistant", "content": "b", "role": "user"}]}\n]\n')
+    with pytest.raises(DataError, match="d.json line 3: duplicate key 'role' at column 55"):
+        read(whole, on_bad_row="skip")
+    # the same key in different objects is fine
+    whole.write_text(json.dumps([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]))
+    assert len(read(whole)[0]) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    # a line cut short: the error is at the end of that line, not "column 1" of a next one
+    ('{"prompt": "x", "completion": \n', "line 1: not valid JSON (Expecting value) at the end of the line"),
+    ('{"prompt": "x", "completion": "y"}\n{"prompt": "x" "completion": "y"}\n',
+     "line 2: not valid JSON (Expecting ',' delimiter) at column 16"),
+])
+def test_jsonl_error_positions(tmp_path, text, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(f"{path} {message}")):
+        read(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    # a missing comma between records belongs at the end of the first one, not the start of the next
+    ('[\n  {"a": 1}\n  {"a": 2}\n]\n', "line 2: not valid JSON (Expecting ',' delimiter) at column 11"),
+    # a file cut short: the last line with content, not a line after the trailing newline
+    ('[\n  {"a": 1},\n', "line 2: not valid JSON (Expecting value) at column 12, the end of the file"),
+    ('[\n  {"a": 1}\n]\n]\n', "line 4: not valid JSON (extra data after the first value) at column 1"),
+    ('[{"a": "x\ty"}]', "line 1: not valid JSON (Invalid control character at) at column 10"),
+])
+def test_whole_file_json_error_positions(tmp_path, text, message):
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(f"{path} {message}")):
+        read(path, on_bad_row="skip")
+
+
+def test_json_nested_too_deeply_is_a_data_error(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        read(path)
+
+
+# ---- gzip variants, Parquet, folders of files ----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["d.json.gz", "d.jsonl.gz", "d.csv.gz", "d.tsv.gz", "d.parquet.gz"])
+def test_gzipped_variants(tmp_path, name):
+    import gzip
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kind = name.split(".")[1]
+    if kind == "json":
+        raw = json.dumps(RECORDS).encode()
+    elif kind == "jsonl":
+        raw = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
+    elif kind == "parquet":
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(RECORDS), buffer)
+        raw = buffer.getvalue()
+    else:
+        sep = "\t" if kind == "tsv" else ","
+        raw = ("prompt" + sep + "completion\n" + "".join(f"{r['prompt']}{sep}{r['completion']}\n" for r in RECORDS)).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw))
+    assert data_of(read(path)[0]) == RECORDS
+    path.write_bytes(gzip.compress(raw)[:-20])  # truncated
+    with pytest.raises(DataError, match=f"{name}: cannot decompress the file"):
+        read(path, on_bad_row="skip")
+
+
+def test_damaged_parquet_and_duplicate_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="d.parquet: cannot read Parquet"):
+        read(path)
+    pq.write_table(pa.table([[1], [2]], names=["a", "a"]), path)
+    with pytest.raises(DataError, match="d.parquet, field 'a': column 'a' appears twice"):
+        read(path)
+
+
+def test_folder_of_data_files_uses_alignkit_readers(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", RECORDS[:3])
+    write_jsonl(folder / "test.jsonl", RECORDS[3:])
+    assert data_of(read(folder)[0]) == RECORDS[:3]
+    rows, _ = read(folder, split="test", limit=1)
+    assert data_of(rows) == RECORDS[3:4] and rows[0].where() == f"{folder / 'test.jsonl'} line 1"
+    with pytest.raises(DataError, match="no data files for split 'validation'; splits found: train, test"):
+        read(folder, split="validation")
+    (folder / "test.jsonl").write_text('{"prompt": "a"}\n{oops\n')
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'test.jsonl'} line 2: not valid JSON")):
+        read(folder, split="test")
+
+
+def test_columns_never_overwrite_a_column_that_stays(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "prompt": "old", "answer": "a"}])
+    with pytest.raises(DataError, match="`columns` renames 'question' -> 'prompt', but the data already has a column "
+                                        "'prompt', whose values would be lost"):
+        read(path, columns={"question": "prompt"})
+    rows, _ = read(path, columns={"question": "prompt", "prompt": "context"})  # a swap-out is fine
+    assert rows[0].data == {"answer": "a", "prompt": "q", "context": "old"}
+    with pytest.raises(DataError, match="`columns` renames several columns to 'prompt'"):
+        read(path, columns={"question": "prompt", "answer": "prompt"})
+
+
+# ---- LLaMA-Factory dataset_info.json -------------------------------------------------------------
+# tests/data/llamafactory holds a few records copied from LLaMA-Factory 0.9.5's demo data and the real
+# dataset_info.json entries for them.
+
+LF_DIR = Path(__file__).parent / "llamafactory"
+
+
+@pytest.mark.parametrize("name, rows_read, first", [
+    ("alpaca_en_demo", 2, {"messages": [{"role": "user", "content": "Sum up the numbers.\n3, 2, 5"},
+                                        {"role": "assistant", "content": "The sum of the numbers is 10."}]}),
+    ("c4_demo", 2, {"text": "Y.M. Molding Industry Mfg. Inc."}),
+    ("kto_en_demo", 2, {"messages": [{"role": "user", "content": "What is the result of 660-549695? Only respond "
+                                                                 "with math and no words."},
+                                     {"role": "assistant", "content": "660 - 549695 = -549035"}], "label": True}),
+])
+def test_dataset_info_entries(name, rows_read, first):
+    rows, skipped = read(f"{LF_DIR / 'dataset_info.json'}#{name}")
+    assert len(rows) == rows_read and not skipped and rows[0].data == first
+    assert rows[0].where().startswith(str(LF_DIR / ""))  # rows point at the data file itself
+
+
+def test_dataset_info_sharegpt_ranking_and_folder_syntax():
+    (rows, _), (same, _) = read(f"{LF_DIR / 'dataset_info.json'}#dpo_en_demo"), read(f"{LF_DIR}#dpo_en_demo")
+    assert data_of(rows) == data_of(same)
+    assert rows[0].data["prompt"][0] == {"role": "system", "content": "You are a helpful assistant, who always "
+                                         "provide explanation. Think like you are answering to a five year old."}
+    assert rows[0].data["chosen"][0]["role"] == "assistant" and len(rows[0].data["chosen"]) == 1
+
+
+def test_dataset_info_tool_rows_are_counted_skips():
+    with pytest.raises(DataError, match=r"glaive_toolcall_en_demo.json row index 0, field 'tools': tool "
+                                        "descriptions are not supported"):
+        read(f"{LF_DIR}#glaive_toolcall_en_demo")
+    rows, skipped = read(f"{LF_DIR}#glaive_toolcall_en_demo", on_bad_row="skip")
+    assert [r.index for r in rows] == [1] and [e.row for e in skipped] == [0]  # tools "[]" means none
+
+
+def write_registry(tmp_path, entry, records=None):
+    (tmp_path / "data.json").write_text(json.dumps(records or [{"instruction": "q", "output": "a"}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "data.json", **entry}}))
+    return f"{tmp_path}#mine"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"num_samples": 10}, "field 'num_samples': num_samples is not supported. Use `limit:`"),
+    ({"ms_hub_url": "x/y"}, "ModelScope datasets ('ms_hub_url') are not supported"),
+    ({"colums": {}}, "unknown entry key 'colums'. did you mean 'columns'?"),
+    ({"columns": {"prompt": "instruction", "image": "img"}}, "unknown column 'image'. did you mean 'images'?"),
+    ({"columns": {"messages": "conversations", "images": "images"}, "formatting": "sharegpt"},
+     "multimodal columns (images) are not supported"),
+    ({"formatting": "chatml"}, "formatting 'chatml' is not one of alpaca, sharegpt, openai"),
+])
+def test_dataset_info_entry_errors(tmp_path, entry, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        read(write_registry(tmp_path, entry))
+
+
+def test_dataset_info_path_errors(tmp_path):
+    path = write_registry(tmp_path, {})
+    with pytest.raises(DataError, match=r"no dataset 'mien' \(did you mean 'mine'\?\); datasets in it: mine"):
+        read(path.replace("#mine", "#mien"))
+    with pytest.raises(DataError, match="no dataset name after '#'"):
+        read(path.replace("#mine", "#"))
+    with pytest.raises(DataError, match=r"nowhere#mine: no such file: .*nowhere\. Name a LLaMA-Factory registry"):
+        read(f"{tmp_path}/nowhere#mine")
+    with pytest.raises(DataError, match="`columns` cannot be combined with a dataset_info.json entry"):
+        read(path, columns={"a": "b"})
