@@ -298,9 +298,10 @@ def _parse_json(text: str) -> Any:
 def _located_decode_error(text: str, e: json.JSONDecodeError) -> _BadJSON:
     """The parser reports where it stopped, after skipping whitespace; a missing value or delimiter belongs
     at the end of the content before it (the end of the previous line, not the start of the next)."""
-    if e.msg == "Extra data":
+    if e.msg == "Extra data":  # JSON Lines when the first value is one record on one line
         first_value = text[: e.pos].strip()
-        return _BadJSON("not valid JSON (extra data after the first value)", e.pos, extra_data="\n" not in first_value)
+        json_lines = first_value.startswith("{") and "\n" not in first_value
+        return _BadJSON("not valid JSON (extra data after the first value)", e.pos, extra_data=json_lines)
     problem = f"not valid JSON ({e.msg})"
     if not text[e.pos:].strip():
         return _BadJSON(problem, len(text.rstrip()), at_end=True)
