@@ -43,7 +43,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,7 +306,7 @@ def _fix_text(record: dict[str, Any], kind: str) -> str:
     return "Rename the columns to one of these shapes with `columns:` of the data source."
 
 
-def _candidate_mappings(record: dict[str, Any], fmt: str, kind: str):
+def _candidate_mappings(record: dict[str, Any], fmt: str, kind: str) -> Iterator[dict[str, str]]:
     """`columns:` mappings (old -> new, in the record's column order) that would give ``record`` the
     required fields of ``fmt`` (and, where a column looks like one, its optional fields)."""
     required, optional = FORMAT_FIELDS[fmt]

@@ -441,9 +441,11 @@ def _read_csv(path: Path, delimiter: str, limit: int | None, on_bad_row: str,
     try:
         reader = csv.reader(lines, delimiter=delimiter, strict=True)
         header = _next_csv_record(reader, lines, name, delimiter)
+        while header == []:  # blank lines before the header
+            header = _next_csv_record(reader, lines, name, delimiter)
         if header is None:
             return []
-        _check_csv_header(header, name)
+        _check_csv_header(header, name, lines.count)
         lines.next_record()
         rows: list[Row] = []
         spanning = 0
@@ -479,11 +481,11 @@ def _next_csv_record(reader, lines: _RecordLines, name: str, delimiter: str) -> 
         raise _csv_syntax_error(e, lines, name, delimiter) from None
 
 
-def _check_csv_header(header: list[str], name: str) -> None:
+def _check_csv_header(header: list[str], name: str, line: int) -> None:
     seen: set[str] = set()
     for column in header:
         if column in seen:
-            raise DataError(f"column {column!r} appears twice in the header", origin=Row({}, name, 1, "line"),
+            raise DataError(f"column {column!r} appears twice in the header", origin=Row({}, name, line, "line"),
                             field=column, fix="Rename one of them (the second would overwrite the first).")
         seen.add(column)
 

@@ -218,10 +218,13 @@ def test_csv_duplicate_header_and_limit(tmp_path):
     assert [r.data["q"] for r in rows] == ["0", "1", "2"] and not skipped  # rows past the limit are not read
 
 
-def test_csv_byte_order_mark(tmp_path):
+def test_csv_byte_order_mark_and_blank_lines_before_the_header(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes("\ufeffq,a\n1,2\n".encode())
     assert read(path)[0][0].data == {"q": "1", "a": "2"}
+    path.write_text("\n\nq,a\n1,2\n")
+    (row,), _ = read(path)
+    assert row.data == {"q": "1", "a": "2"} and row.index == 4
 
 
 # ---- encodings -----------------------------------------------------------------------------------
