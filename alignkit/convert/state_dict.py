@@ -138,13 +138,14 @@ def read_checkpoint(checkpoint: str | Path, allow_pickle: bool = False) -> dict[
 def _hf_name(key: str, expected: set[str]) -> str:
     """``key`` with wrapper prefixes removed (or ``model.`` added) when that names an expected parameter."""
     name = key
-    while name not in expected and name.startswith(WRAPPER_PREFIXES):
+    while True:
+        if name in expected:
+            return name
+        if "model." + name in expected:  # the inner model's own state dict (LlamaModel, not ...ForCausalLM)
+            return "model." + name
+        if not name.startswith(WRAPPER_PREFIXES):
+            return key
         name = name.split(".", 1)[1]
-    if name in expected:
-        return name
-    if "model." + key in expected:  # the inner model's own state dict (LlamaModel rather than ...ForCausalLM)
-        return "model." + key
-    return key
 
 
 def rename_to_hf(state: dict[str, torch.Tensor], expected: set[str], where: str) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ Run inside ``.venv-megatron`` (megatron-core 0.16.1, torch 2.13.0 CPU)::
 
     python tests/convert/megatron_writer.py OUT_DIR [CASE ...]
 
-Each case starts ``tp * pp`` gloo processes; every rank builds its shard of a ``GPTModel`` (local layer
+Four gloo processes write every case in turn, with the case's tensor- and pipeline-parallel sizes
+(the remaining factor is data parallel); every rank builds its shard of a ``GPTModel`` (local layer
 spec: RMSNorm, SwiGLU, RoPE, 4 heads in 2 query groups) and runs Megatron's forward on fixed tokens
 (pipeline stages hand their hidden states over with ``send``/``recv``, logits gathered across tensor
 ranks by Megatron itself). It then writes, under ``OUT_DIR/CASE/``:
@@ -41,6 +42,7 @@ HIDDEN, HEADS, GROUPS, FFN, LAYERS = 64, 4, 2, 128, 4
 TOKENIZER_VOCAB = 512  # alignkit.testing.tiny_tokenizer()
 VOCAB = 528  # padded past the tokenizer, as Megatron-LM pads (make_vocab_size_divisible_by)
 BATCH, SEQ = 2, 12
+WORLD_SIZE = 4  # every case's tp * pp divides it; the remaining factor is data parallel
 ITERATION_DIR = "iter_0000001"
 
 
@@ -226,21 +228,18 @@ def _save(model, case: Case, out: Path) -> None:
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    first = torch.distributed.get_rank() == 0
-
-    dist_dir = out / "torch_dist" / ITERATION_DIR
-    dist_dir.mkdir(parents=True, exist_ok=True)
+    dist_folders = ["torch_dist"] + (["torch_dist_per_layer"] if case.name == "tp2" else [])
+    for folder in dist_folders:
+        (out / folder / ITERATION_DIR).mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     sharded = model.sharded_state_dict()
     if case.name == "pp2_tied":  # as Megatron-LM does: its args go to common.pt, pickled
         sharded["args"] = megatron_lm_args(case)
-    dist_checkpointing.save(sharded, str(dist_dir))
+    dist_checkpointing.save(sharded, str(out / "torch_dist" / ITERATION_DIR))
     if case.name == "tp2":
-        per_layer = out / "torch_dist_per_layer" / ITERATION_DIR
-        per_layer.mkdir(parents=True, exist_ok=True)
-        torch.distributed.barrier()
         metadata = {"singleton_local_shards": True, "non_homogeneous_layers": True}
-        dist_checkpointing.save(model.sharded_state_dict(metadata=metadata), str(per_layer))
+        dist_checkpointing.save(model.sharded_state_dict(metadata=metadata),
+                                str(out / "torch_dist_per_layer" / ITERATION_DIR))
 
     state = model.state_dict()
     payloads = {"legacy": {"model": state, "checkpoint_version": 3.0, "iteration": 1}}
@@ -249,36 +248,45 @@ def _save(model, case: Case, out: Path) -> None:
                                              "checkpoint_version": 3.0, "iteration": 1}
     if case.name == "pp2_tied":
         payloads["legacy_args"] = {**payloads["legacy"], "args": megatron_lm_args(case)}
-    for folder, payload in payloads.items():
-        path = _rank_file(out / folder, tp_rank, pp_rank, case.pp)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, path)
-    if first:
-        for folder in ["torch_dist", *payloads] + (["torch_dist_per_layer"] if case.name == "tp2" else []):
+    if parallel_state.get_data_parallel_rank() == 0:  # data-parallel replicas hold the same shards
+        for folder, payload in payloads.items():
+            path = _rank_file(out / folder, tp_rank, pp_rank, case.pp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(payload, path)
+    if torch.distributed.get_rank() == 0:
+        for folder in dist_folders + list(payloads):
             _mark_latest(out / folder)
 
 
-def _worker(rank: int, case: Case, out: str, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(case.tp * case.pp), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=case.tp * case.pp)
+def _write_case(case: Case, out: Path) -> None:
+    """All ranks: one checkpoint with tensor/pipeline sizes of ``case`` (the other ranks are data parallel)."""
     from megatron.core import parallel_state
 
-    _cpu_shims()
     parallel_state.initialize_model_parallel(case.tp, case.pp)
+    _cpu_shims()
     model = _build_model(case)
     tokens = _reference_tokens()
     logits = _megatron_logits(model, tokens)
-    out_dir = Path(out)
-    _save(model, case, out_dir)
-    if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-        torch.save({"tokens": tokens, "logits": logits.float()}, out_dir / "reference.pt")
+    _save(model, case, out)
+    first_replica = parallel_state.get_data_parallel_rank() == 0
+    if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and first_replica:
+        torch.save({"tokens": tokens, "logits": logits.float()}, out / "reference.pt")
         facts = {**asdict(case), "num_attention_heads": HEADS, "num_query_groups": GROUPS,
                  "vocab_size": VOCAB, "num_layers": LAYERS, "hidden_size": HIDDEN, "ffn_hidden_size": FFN}
-        (out_dir / "case.json").write_text(json.dumps(facts, indent=1))
+        (out / "case.json").write_text(json.dumps(facts, indent=1))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
+
+
+def _worker(rank: int, names: list[str], out: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    for name in names:
+        _write_case(CASES[name], Path(out) / name)
+        if rank == 0:
+            print(f"wrote {Path(out) / name}", flush=True)
     torch.distributed.destroy_process_group()
 
 
@@ -288,16 +296,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_case(case: Case, out: Path) -> None:
+def main(argv: list[str]) -> int:
     import torch.multiprocessing as mp
 
-    out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(case, str(out), _free_port()), nprocs=case.tp * case.pp, join=True)
-    if not (out / "reference.pt").is_file():
-        raise RuntimeError(f"{case.name}: no reference logits were written")
-
-
-def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("cases", nargs="*", metavar="CASE", help=f"cases to write (default all: {', '.join(CASES)})")
@@ -305,9 +306,12 @@ def main(argv: list[str]) -> int:
     unknown = set(args.cases) - set(CASES)
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
-    for name in args.cases or list(CASES):
-        write_case(CASES[name], args.out_dir / name)
-        print(f"wrote {args.out_dir / name}", flush=True)
+    names = args.cases or list(CASES)
+    # One group of processes for every case: importing megatron-core once per process saves minutes.
+    mp.spawn(_worker, args=(names, str(args.out_dir), _free_port()), nprocs=WORLD_SIZE, join=True)
+    absent = [n for n in names if not (args.out_dir / n / "reference.pt").is_file()]
+    if absent:
+        raise RuntimeError(f"no reference logits were written for {absent}")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Tests of alignkit.convert: raw state dicts and real Megatron checkpoints -> HF folders."""
