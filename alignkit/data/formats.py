@@ -168,7 +168,7 @@ def normalize_record(record: dict[str, Any], kind: str, fmt: str = "auto",
                         field="format", fix="Fix `format:` of the data source.")
     elif fmt not in KIND_FORMATS[kind]:
         raise DataError(f"format {fmt!r} cannot be used for kind {kind!r}; {accepted_shapes(kind)}",
-                        field="format", fix=_fix_text(record, kind))
+                        field="format", fix=_fix_text(record, kind, replace_format=True))
     for f in FORMAT_FIELDS[fmt][0]:
         if not _present(record, f):
             raise DataError(f"missing (format {fmt!r} needs {', '.join(FORMAT_FIELDS[fmt][0])})", field=f,
@@ -299,9 +299,12 @@ def suggest_format(record: dict[str, Any], kind: str) -> Suggestion | None:
     return best
 
 
-def _fix_text(record: dict[str, Any], kind: str) -> str:
+def _fix_text(record: dict[str, Any], kind: str, replace_format: bool = False) -> str:
+    """The closest format's settings, or general advice; ``replace_format``: the source sets a `format:`
+    that must change too."""
     found = suggest_format(record, kind)
     if found is not None:
+        found.set_format = found.set_format or replace_format
         return found.text(kind)
     return "Rename the columns to one of these shapes with `columns:` of the data source."
 

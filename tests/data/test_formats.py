@@ -312,6 +312,13 @@ def test_suggested_settings_load_the_data(tmp_path, record, kind, settings):
     assert len(groups) == 1 and groups[0]
 
 
+def test_suggestion_replaces_a_wrong_explicit_format():
+    with pytest.raises(DataError, match="field 'format': format 'unpaired' cannot be used for kind 'sft'; .* set "
+                                        "`columns: {question: prompt, answer: completion}` and "
+                                        "`format: prompt_completion`"):
+        normalize_record({"question": "q", "answer": "a"}, "sft", fmt="unpaired")
+
+
 @pytest.mark.parametrize("record, kind", [
     ({"messages": CHAT}, "preference"),  # one conversation cannot become a pair
     ({"q": "x", "a": "y"}, "sft"),  # no name to go by
