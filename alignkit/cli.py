@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args, argv: list[str]) -> int:
-    from alignkit.api import train
-    from alignkit.config import load_config
+    from alignkit.api import load_config, train
     from alignkit.launch import inside_launcher, relaunch
 
     overrides = list(args.overrides)

@@ -287,21 +287,18 @@ def _from_dict(cls: type, data: Any, where: str, base: Any = None) -> Any:
 
 
 def _suggest_key(key: str, cls: type, where: str) -> str:
-    """`` (did you mean ...?)`` for a mistyped key, also pointing into nested sections (``reward_model`` ->
-    ``reward.model``)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
+    """`` (did you mean ...?)`` for a mistyped key; a key that belongs in a nested section is pointed there
+    (``grpo.reward_model`` -> ``grpo.reward.model``, ``grpo.num_samples`` -> ``grpo.generation.num_samples``)."""
     hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
     for name in names:
         if dataclasses.is_dataclass(hints[name]):
-            inner = [f.name for f in dataclasses.fields(hints[name])]
-            short = key.removeprefix(f"{name}_").removeprefix(name.rstrip("s") + "_")
-            for candidate in (key, short, short.removeprefix("generation_")):
+            inner = {f.name for f in dataclasses.fields(hints[name])}
+            for candidate in (key, key.removeprefix(f"{name}_"), key.removeprefix("generation_")):
                 if candidate in inner:
                     return f" (did you mean {where}.{name}.{candidate}?)"
-    return ""
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:

@@ -1,6 +1,5 @@
 import hashlib
 import json
-import subprocess
 import sys
 import threading
 import zipfile
@@ -52,7 +51,7 @@ def fake_asset(tmp_path, monkeypatch, cache):
 def test_registry_entries_are_complete():
     assert set(ASSETS) == {"smollm2-135m-instruct", "all-minilm-l6-v2", "alpaca-demo", "movie-reviews"}
     for spec in ASSETS.values():
-        assert spec.kind in ("model", "dataset") and spec.description and spec.license
+        assert spec.kind in ("model", "dataset", "files") and spec.description and spec.license
         assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
 
 
@@ -183,18 +182,6 @@ def test_lost_rename_race_uses_the_winner(fake_asset, cache, monkeypatch):
     assert assets.fetch("fake-data") == path
 
 
-def test_parse_ground_truth_skips_malformed_lines():
-    text = "1\t2.5\tA fine film.\r\n2\tnot-a-number\tx\n3\tonly two fields\n\n4\t-4.0\tAwful.\n5\t9\tOut of range\n"
-    records, problems = assets.parse_ground_truth(text, "f.txt")
-    assert records == [{"id": 1, "text": "A fine film.", "score": 2.5}, {"id": 4, "text": "Awful.", "score": -4.0}]
-    assert len(problems) == 3 and problems[0].startswith("f.txt:2:")
-
-
-def test_decode_falls_back_to_latin1():
-    assert assets._decode_text("café".encode(), "x") == ("café", "utf-8")
-    assert assets._decode_text("café".encode("latin-1"), "x") == ("café", "latin-1")
-
-
 def test_cli_list_and_fetch(fake_asset, cache, capsys):
     assert assets.assets_main(["list"]) == 0
     out = capsys.readouterr().out
@@ -240,16 +227,8 @@ def test_fetch_all_real_assets():
     alpaca = json.loads(assets.resolve_data("alpaca-demo").read_text())
     assert len(alpaca) == 999 and all(set(r) == {"instruction", "input", "output"} for r in alpaca)
 
-    lines = assets.resolve_data("movie-reviews").read_text(encoding="utf-8").splitlines()
-    reviews = [json.loads(line) for line in lines]
-    assert len(reviews) == 10605
-    assert all(set(r) == {"id", "text", "score"} and -4 <= r["score"] <= 4 and r["text"] for r in reviews)
-    assert reviews[0]["text"].startswith("The Rock is destined")
-    assert any("clichés" in r["text"] for r in reviews)  # decoded as UTF-8, not mojibake
-
-    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
-            "from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer as A;"
-            "print(A().polarity_scores('What a wonderful, moving film!')['compound'])")
-    out = subprocess.run([sys.executable, "-c", code, str(assets.vader_module_path())],
-                         capture_output=True, text=True, check=True).stdout
-    assert float(out) > 0.5
+    reviews = assets.fetch("movie-reviews")
+    for name in ("movieReviewSnippets", "amazonReviewSnippets", "tweets", "nytEditorialSnippets"):
+        assert (reviews / "hutto_ICWSM_2014" / f"{name}_GroundTruth.txt").is_file()
+    assert (reviews / "vaderSentiment" / "vaderSentiment.py").is_file()
+    assert (reviews / "vaderSentiment" / "vader_lexicon.txt").is_file()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from alignkit.config import ConfigError, build_config, describe, load_config
+from alignkit import build_config, load_config
+from alignkit.config import ConfigError, describe
+from alignkit.methods import config_class
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -58,7 +60,7 @@ def test_unknown_method_suggests():
 
 
 def test_describe_lists_every_option_with_doc():
-    text = describe("sft")
+    text = describe("sft", config_class("sft"))
     for key in ("learning_rate: 2.0e-05", "finetune: full", "packing: false", "on_bad_row: error"):
         assert key in text
     assert "# Peak learning rate" in text
@@ -74,7 +76,34 @@ def test_saved_config_round_trips(tmp_path):
 def test_docs_config_reference_is_current():
     from pathlib import Path
 
-    from alignkit.config import reference_markdown
+    from alignkit.methods import config_reference
 
     doc = Path(__file__).parents[1] / "docs" / "config.md"
-    assert doc.read_text() == reference_markdown() + "\n", "regenerate: alignkit config --markdown > docs/config.md"
+    assert doc.read_text() == config_reference() + "\n", "regenerate: alignkit config --markdown > docs/config.md"
+
+
+def test_nested_sections_keep_the_methods_own_defaults():
+    """A partial generation: section keeps GRPO's num_samples; rejection sampling's differs; both documented."""
+    cfg = build_config("grpo", {"grpo": {"generation": {"max_new_tokens": 64}, "reward": {"functions": ["m:f"]}}},
+                       ["grpo.generation.temperature=0.7"])
+    g = cfg.method_args.generation
+    assert (g.max_new_tokens, g.temperature, g.num_samples) == (64, 0.7, 8)
+    assert build_config("rloo", {"rloo": {"reward": {"url": "http://x"}}}).method_args.generation.num_samples == 4
+    text = describe("grpo", config_class("grpo"))
+    assert "  generation:  # How responses are sampled" in text and "    num_samples: 8  #" in text
+    assert "    functions: []  #" in text  # reward sources, nested
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"grpo": {"generation": {"max_new_token": 5}}}, "grpo.generation.max_new_token (did you mean 'max_new_tokens'?)"),
+    ({"grpo": {"reward_functions": ["m:f"]}}, "grpo.reward_functions (did you mean grpo.reward.functions?)"),
+    ({"grpo": {"reward_model": "x"}}, "(did you mean grpo.reward.model?)"),
+    ({"grpo": {"num_samples": 4}}, "(did you mean grpo.generation.num_samples?)"),
+    ({"grpo": {"generation": {"num_samples": 1}, "reward": {"functions": ["m:f"]}}},
+     "grpo.generation.num_samples=1: the group baseline needs at least 2"),
+    ({"grpo": {}}, "grpo.reward: no reward source; set grpo.reward.model"),
+])
+def test_nested_section_errors_name_the_full_key(raw, needle):
+    with pytest.raises(ConfigError) as e:
+        build_config("grpo", raw)
+    assert needle in str(e.value)

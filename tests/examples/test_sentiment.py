@@ -1,4 +1,4 @@
-"""Held-out evaluation helpers and the sentiment task builder (synthetic reviews, no download)."""
+"""The demo's sentiment task (examples/sentiment): its data files, evaluation helpers and VADER reward."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import json
 
 import pytest
 
-from alignkit import sentiment
-from alignkit.evaluation import mean_policy_reward, policy_preference_accuracy, reward_model_accuracy
+from examples.sentiment import task as sentiment
+from examples.sentiment import vader_reward
+from examples.sentiment.evaluation import (
+    mean_policy_reward,
+    policy_preference_accuracy,
+    reward_model_accuracy,
+)
 
 
 def _pairs(path, chosen: str, rejected: str, n: int = 6):
@@ -67,3 +72,48 @@ def test_sentiment_task_files(tmp_path, monkeypatch):
     assert {r["label"] for r in kto} == {True, False}
     p = json.loads(files["prompts_train"].read_text().splitlines()[0])
     assert p["prompt"][0]["content"].startswith(sentiment.CONTINUE)
+
+
+def test_parse_ground_truth_skips_malformed_lines():
+    text = "1\t2.5\tA fine film.\r\n2\tnot-a-number\tx\n3\tonly two fields\n\n4\t-4.0\tAwful.\n5\t9\tOut of range\n"
+    records, problems = sentiment.parse_ground_truth(text, "f.txt")
+    assert records == [{"id": 1, "text": "A fine film.", "score": 2.5}, {"id": 4, "text": "Awful.", "score": -4.0}]
+    assert len(problems) == 3 and problems[0].startswith("f.txt:2:")
+
+
+def test_decode_falls_back_to_latin1():
+    assert sentiment._decode_text("café".encode(), "x") == ("café", "utf-8")
+    assert sentiment._decode_text("café".encode("latin-1"), "x") == ("café", "latin-1")
+
+
+def test_vader_reward_loads_the_asset_scorer_by_file_location(tmp_path, monkeypatch):
+    import sys
+
+    from alignkit import assets
+
+    package = tmp_path / "vaderSentiment"
+    package.mkdir()
+    (package / "vaderSentiment.py").write_text(
+        "class SentimentIntensityAnalyzer:\n"
+        "    def polarity_scores(self, text):\n"
+        "        return {'compound': 0.5 if 'great' in text else -0.5}\n")
+    monkeypatch.setattr(assets, "fetch", lambda name: tmp_path)
+    path_before = list(sys.path)
+    vader_reward._analyzer.cache_clear()
+    try:
+        assert vader_reward.vader_sentiment(["", ""], ["a great film", "awful"]) == [0.5, -0.5]
+    finally:
+        vader_reward._analyzer.cache_clear()
+    assert sys.path == path_before and "vaderSentiment" not in sys.modules
+
+
+@pytest.mark.slow
+def test_real_reviews_and_vader_on_the_asset():
+    reviews = sentiment.load_reviews()
+    assert len(reviews) == 10605
+    assert all(set(r) == {"id", "text", "score"} and -4 <= r["score"] <= 4 and r["text"] for r in reviews)
+    assert reviews[0]["text"].startswith("The Rock is destined")
+    assert any("clichés" in r["text"] for r in reviews)  # decoded as UTF-8, not mojibake
+    vader_reward._analyzer.cache_clear()
+    good, bad = vader_reward.vader_sentiment(["", ""], ["a great, wonderful film", "an awful, boring film"])
+    assert -1 <= bad < -0.5 and 0.5 < good <= 1

@@ -15,6 +15,7 @@ from alignkit.losses.rl import (
     gae,
     grpo_advantages,
     kl_estimate,
+    loss_items,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -341,3 +342,27 @@ def test_kl_controllers_resume_exactly():
     other = FixedKLController(0.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.2
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batch_sums_over_global_items_equal_the_whole_batch_loss(loss_agg):
+    """What the loops do: sum(aggregate * items) per micro-batch / global items == aggregate on the batch."""
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(6, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    whole = aggregate_loss(per_token, mask, loss_agg, max_length=5)
+    parts = [slice(0, 2), slice(2, 3), slice(3, 6)]
+    total_items = sum(float(loss_items(mask[s], loss_agg)) for s in parts)
+    split = sum(aggregate_loss(per_token[s], mask[s], loss_agg, max_length=5) * loss_items(mask[s], loss_agg)
+                for s in parts) / total_items
+    torch.testing.assert_close(split, whole)
+
+
+def test_loss_items_counts():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    assert float(loss_items(mask, "token-mean")) == 3
+    assert float(loss_items(mask, "seq-mean-token-mean")) == 2
+    assert float(loss_items(mask, "seq-mean-token-sum-norm")) == 3
+    with pytest.raises(ValueError, match="loss_agg"):
+        loss_items(mask, "mean")

@@ -54,7 +54,7 @@ def test_kd_lowers_the_students_kl_to_the_teacher(tmp_path, tiny_model_dir, teac
 
 def test_gkd_lowers_kl_with_student_samples(tmp_path, tiny_model_dir, teacher_dir, data_file):
     res = _train("gkd", tmp_path, tiny_model_dir, data_file,
-                 {"teacher": str(teacher_dir), "lmbda": 0.5, "beta": 0.5, "max_new_tokens": 8})
+                 {"teacher": str(teacher_dir), "lmbda": 0.5, "beta": 0.5, "generation": {"max_new_tokens": 8}})
     before, after = res["eval_before"]["eval/kl_to_teacher"], res["eval"]["eval/kl_to_teacher"]
     assert after < 0.6 * before, (before, after)
     shares = [r["on_policy"] for r in _metrics(res["output_dir"]) if "on_policy" in r]
@@ -80,7 +80,7 @@ def test_seqkd_trains_on_the_teachers_greedy_completions(tmp_path, tiny_model_di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.data import tokenize_example
-    from alignkit.rollout import GenerationConfig, HFGenerateEngine
+    from alignkit.rollout import HFSampler, SamplingConfig
 
     res = alignkit.train(
         "seqkd",
@@ -88,7 +88,7 @@ def test_seqkd_trains_on_the_teachers_greedy_completions(tmp_path, tiny_model_di
         data={"train": [str(data_file)], "eval": [str(data_file)], "max_length": 64},
         training={"output_dir": str(tmp_path / "seqkd"), "max_steps": 16, "per_device_batch_size": 4,
                   "learning_rate": 3e-3, "lr_scheduler": "constant", "report_to": ["jsonl"]},
-        seqkd={"teacher": str(teacher_dir), "max_new_tokens": 8, "sampling_batch_size": 5},
+        seqkd={"teacher": str(teacher_dir), "generation": {"max_new_tokens": 8}, "sampling_batch_size": 5},
     )
     rows = [json.loads(x) for x in Path(res["teacher_data"]).read_text().splitlines()]
     ids = [r["prompt_id"] for r in rows]
@@ -101,8 +101,8 @@ def test_seqkd_trains_on_the_teachers_greedy_completions(tmp_path, tiny_model_di
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     row = rows[0]
     prompt_ids = tokenize_example({"prompt": row["messages"][:-1]}, tok, "prompt", max_length=64)["prompt_ids"]
-    engine = HFGenerateEngine(tok, GenerationConfig(max_new_tokens=8, do_sample=False))
-    assert engine.generate(teacher, [prompt_ids]).response_texts[0] == row["messages"][-1]["content"]
+    sampler = HFSampler(tok, SamplingConfig(max_new_tokens=8, do_sample=False))
+    assert sampler.generate(teacher, [prompt_ids]).response_texts[0] == row["messages"][-1]["content"]
     losses = [r["loss"] for r in _metrics(res["output_dir"]) if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
     assert "eval/kl_to_teacher" in res["eval"] and "eval/kl_to_teacher" in res["eval_before"]

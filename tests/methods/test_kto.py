@@ -7,10 +7,12 @@ import contextlib
 import pytest
 import torch
 
-from alignkit.config import ConfigError, build_config
+from alignkit import build_config
+from alignkit.config import ConfigError
+from alignkit.forward import completion_logps
 from alignkit.losses import kto_loss
 from alignkit.methods.kto import KTOConfig, KTOMethod
-from alignkit.methods.preference import completion_logps
+from alignkit.reference import Reference
 
 from . import metrics, preference_records, train, write_jsonl
 
@@ -22,14 +24,14 @@ def _rows():
 
 
 def test_collate_pairs_each_prompt_with_the_previous_rows_completion():
-    batch = KTOMethod(KTOConfig(), pad_token_id=0, max_length=4, adapter_ref=True).collate(_rows())
+    batch = KTOMethod(KTOConfig(), pad_token_id=0, max_length=4, reference=Reference()).collate(_rows())
     assert batch["desirable"].tolist() == [True, False, True]
     ids = batch["input_ids"].tolist()
     assert ids[:3] == [[5, 6, 7, 0], [8, 9, 10, 0], [11, 12, 13, 14]]
     # KL rows: prompt i + completion i-1 (row 0 takes the last row's); prompts cut from the left to fit
     assert ids[3:] == [[5, 6, 14, 0], [8, 7, 0, 0], [12, 13, 9, 10]]
     assert batch["labels"][5].tolist() == [-100, -100, 9, 10]
-    no_kl = KTOMethod(KTOConfig(reference_point=False), 0, 8, adapter_ref=True).collate(_rows())
+    no_kl = KTOMethod(KTOConfig(reference_point=False), 0, 8, reference=Reference()).collate(_rows())
     assert no_kl["input_ids"].shape[0] == 3
 
 
@@ -56,7 +58,7 @@ def test_kl_reference_point_and_class_counts_are_all_reduced_before_use(tiny_tok
     policy, ref = tiny_llama(tiny_tok, seed=1), tiny_llama(tiny_tok, seed=2).eval()
     # the other process: z0 estimate 2.0, one desirable and one undesirable row
     acc = _TwoProcesses(other=[2.0, 1.0, 1.0])
-    method = KTOMethod(KTOConfig(beta=0.5), tiny_tok.pad_token_id, 64, accelerator=acc, ref_model=ref)
+    method = KTOMethod(KTOConfig(beta=0.5), tiny_tok.pad_token_id, 64, accelerator=acc, reference=Reference(ref))
     batch = method.collate(_rows())
     loss, m = method.loss(policy, batch)
     (sent, _), = acc.calls

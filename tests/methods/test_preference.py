@@ -12,8 +12,11 @@ import pytest
 import torch
 import yaml
 
-from alignkit.config import ConfigError, build_config
-from alignkit.methods.preference import DPOConfig, PreferenceMethod, completion_logps
+from alignkit import build_config
+from alignkit.config import ConfigError
+from alignkit.forward import completion_logps
+from alignkit.methods.preference import DPOConfig, PreferenceMethod
+from alignkit.reference import Reference
 
 from . import metrics, preference_records, train, write_jsonl
 
@@ -29,7 +32,7 @@ def _rows():
 
 
 def test_collate_puts_chosen_then_rejected_in_one_padded_batch():
-    batch = PreferenceMethod("dpo", DPOConfig(), pad_token_id=0, adapter_ref=True).collate(_rows())
+    batch = PreferenceMethod("dpo", DPOConfig(), pad_token_id=0, reference=Reference()).collate(_rows())
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0], [5, 14, 15, 16, 0, 0, 0],
                                            [5, 6, 7, 10, 11, 12, 13], [5, 17, 0, 0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9, -100, -100], [-100, 14, 15, 16, -100, -100, -100],

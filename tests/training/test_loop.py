@@ -1,4 +1,4 @@
-"""The shared engine: learning, exact resume, NaN guard, atomic checkpoints, output_dir safety."""
+"""The training loop: learning, exact resume, NaN guard, atomic checkpoints, output_dir safety."""
 
 from __future__ import annotations
 
@@ -8,18 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.config import build_config
-from alignkit.engine import (
-    BatchStream,
-    Checkpointer,
-    TrainingError,
-    fit,
-    list_checkpoints,
-    lr_lambda,
-    setup_accelerator,
-)
-from alignkit.methods.sft import SFTMethod
+from alignkit import build_config
+from alignkit.data import IGNORE_INDEX
+from alignkit.errors import TrainingError
 from alignkit.testing import tiny_llama, tiny_tokenizer
+from alignkit.training import Checkpointer, fit, setup_accelerator
+from alignkit.training.batches import BatchStream
+from alignkit.training.checkpoint import list_checkpoints
+from alignkit.training.optim import lr_lambda
+from alignkit.training.supervised import SFTMethod
 
 
 def _rows(tok, n=16):
@@ -27,7 +24,7 @@ def _rows(tok, n=16):
     for i in range(n):
         p = tok(f"question {i} what is the cat", add_special_tokens=False)["input_ids"]
         c = tok(" the dog sat on the mat" + " red" * (i % 3), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
+        rows.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
     return rows
 
 
