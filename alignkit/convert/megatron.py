@@ -309,9 +309,14 @@ _DCP_RECORD_MODULES = (
 )
 
 
+_PLAIN_GLOBALS = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+                  ("collections", "OrderedDict")}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Reads a DCP ``.metadata`` pickle, resolving only torch's plain checkpoint records (dataclasses and
-    enums of torch.distributed.checkpoint), ``torch.Size``, dtypes and layouts: nothing that can run code."""
+    enums of torch.distributed.checkpoint), ``torch.Size``, dtypes, layouts, paths and OrderedDict:
+    building these runs no code from the file."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module in _DCP_RECORD_MODULES:
@@ -322,6 +327,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         elif (module, name) == ("torch.serialization", "_get_layout"):
             return torch.serialization._get_layout
+        elif (module, name) in _PLAIN_GLOBALS:  # torch stores the checkpoint path in its StorageMeta
+            return getattr(importlib.import_module(module), name)
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
 
 
