@@ -359,7 +359,7 @@ def _read_json(path: Path, limit: int | None, on_bad_row: str, skipped: list[Dat
             return _read_jsonl(io.BytesIO(_read_bytes(path)), name, limit, on_bad_row, skipped)
         raise _whole_file_json_error(text, e, name, fix="Fix the JSON there, or save one record per line as "
                                                          ".jsonl") from None
-    return _json_records(obj, name)
+    return _json_records(obj, name, on_bad_row, skipped)
 
 
 def _whole_file_json_error(text: str, e: _BadJSON, name: str, fix: str) -> DataError:
@@ -369,7 +369,7 @@ def _whole_file_json_error(text: str, e: _BadJSON, name: str, fix: str) -> DataE
                      fix=f"{fix} {_WHOLE_FILE_NOTE}.")
 
 
-def _json_records(obj: Any, name: str) -> list[Row]:
+def _json_records(obj: Any, name: str, on_bad_row: str, skipped: list[DataError] | None) -> list[Row]:
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
@@ -385,10 +385,12 @@ def _json_records(obj: Any, name: str) -> list[Row]:
                         fix='Use [{...}, {...}], {"data": [{...}, ...]} or a dict of equal-length column lists.')
     rows = []
     for i, record in enumerate(obj):
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", origin=Row({}, name, i),
-                            fix="Each record must be an object like {\"messages\": [...]}.")
-        rows.append(Row(record, name, i))
+        if isinstance(record, dict):
+            rows.append(Row(record, name, i))
+            continue
+        _skip_or_raise(DataError(f"expected a JSON object, got {type(record).__name__}", origin=Row({}, name, i),
+                                 fix="Each record must be an object like {\"messages\": [...]}, or set "
+                                     "data.on_bad_row=skip to drop other values."), on_bad_row, skipped)
     return rows
 
 

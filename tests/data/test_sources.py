@@ -113,6 +113,13 @@ def test_non_object_line(tmp_path):
     path.write_text('[1, 2]\n')
     with pytest.raises(DataError, match="d.jsonl line 1: expected a JSON object"):
         read_source(DataSource(str(path)))
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([RECORDS[0], "oops", RECORDS[1]]))
+    with pytest.raises(DataError, match="d.json row index 1: expected a JSON object, got str"):
+        read_source(DataSource(str(path)))
+    skipped = []
+    rows = read_source(DataSource(str(path)), on_bad_row="skip", skipped=skipped)
+    assert [r.index for r in rows] == [0, 2] and [e.row for e in skipped] == [1]
 
 
 def test_missing_file_and_unknown_type(tmp_path):
