@@ -194,7 +194,7 @@ def _tokenize_groups(groups: list[list[Row]], tokenizer, kind: str, data_cfg: Da
                                          max_prompt_length=data_cfg.max_prompt_length, stats=group_counts)
                         for row in group])
         except DataError as e:
-            err = next(e.at(row) for row in group)
+            err = e.at(group[0])  # the rows of a group share their source row
             if data_cfg.on_bad_row != "skip":
                 raise err from None
             logger.warning("skipping bad row: %s", err)

@@ -162,6 +162,24 @@ def test_skip_mode_counts_every_bad_row(tmp_path, tok, caplog):
     assert "skipped 3 bad rows" in caplog.text
 
 
+def test_rows_read_are_used_or_skipped_at_every_stage(tmp_path, caplog):
+    tok = tiny_tokenizer()  # a template that rejects system messages: those rows fail only when tokenized
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    system = {"role": "system", "content": "be brief"}
+    pairs = [PREFS[0], {**PREFS[1], "prompt": [system, u("q")]}, "{broken", {"chosen": "x", "rejected": "y"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(p if isinstance(p, str) else json.dumps(p) for p in pairs))
+    with caplog.at_level("INFO", logger="alignkit"):
+        splits = build_datasets(cfg(str(path), on_bad_row="skip"), tok, "unpaired")
+    # read error (line 3), normalisation error (line 4), tokenization error (line 2, a pair: one skip)
+    assert splits.stats["sources"][0] == {"path": str(path), "split": "train", "rows_read": 4, "rows_used": 1,
+                                          "skipped": 3, "rows_drawn": 1}
+    assert len(splits.train) == 2 and splits.stats["skipped"] == 3
+    assert f"{path}: 4 rows read = 1 used + 3 skipped" in caplog.text
+    assert "pairs.jsonl line 2, field 'chat_template'" in caplog.text
+
+
 def test_truncation_stats(tmp_path, tok, caplog):
     long = " ".join(["the cat sat on the mat"] * 10)
     path = write(tmp_path / "d.jsonl", [{"messages": [u(long), a("yes")]}, {"messages": [u("hi"), a("yes")]}])
