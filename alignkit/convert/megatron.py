@@ -559,14 +559,14 @@ def infer_shapes(state: dict[str, torch.Tensor], arch: Architecture, where: str)
     if arch.num_query_groups is not None and arch.num_query_groups != kv_heads:
         raise ConvertError(f"{where}: linear_qkv's {qkv_rows} rows mean {kv_heads} query groups, not the "
                            f"{arch.num_query_groups} given; check --num-query-groups / --num-attention-heads.")
-    has = lambda part: layer0 + part in state  # noqa: E731
-    mlp_biases = {has("mlp.linear_fc1.bias"), has("mlp.linear_fc2.bias")}
-    if len(mlp_biases) > 1:
+    biases = {part.removesuffix(".bias") for part in _LAYER_PARTS if part.endswith(".bias") and layer0 + part in state}
+    mlp_bias = "mlp.linear_fc1" in biases
+    if mlp_bias != ("mlp.linear_fc2" in biases):
         raise ConvertError(f"{where}: only one of linear_fc1 / linear_fc2 has a bias; no HF Llama-family config fits.")
     return Shapes(hidden_size=hidden, num_layers=num_layers, ffn_hidden_size=ffn, vocab_rows=vocab_rows,
                   num_attention_heads=heads, num_query_groups=kv_heads, head_dim=head_dim,
-                  qkv_bias=has("self_attention.linear_qkv.bias"), proj_bias=has("self_attention.linear_proj.bias"),
-                  mlp_bias=mlp_biases == {True}, tied=_is_tied(state, arch))
+                  qkv_bias="self_attention.linear_qkv" in biases, proj_bias="self_attention.linear_proj" in biases,
+                  mlp_bias=mlp_bias, tied=_is_tied(state, arch))
 
 
 def _is_tied(state: dict[str, torch.Tensor], arch: Architecture) -> bool:
@@ -588,9 +588,8 @@ def split_qkv(fused: torch.Tensor, shapes: Shapes) -> tuple[torch.Tensor, torch.
     """Megatron's per-group ``[q (heads/groups of them), k, v]`` rows -> HF's q, k, v (weight or bias)."""
     per_group = shapes.num_attention_heads // shapes.num_query_groups
     grouped = fused.reshape(shapes.num_query_groups, per_group + 2, shapes.head_dim, *fused.shape[1:])
-    q, k, v = grouped.split([per_group, 1, 1], dim=1)
-    flat = lambda t: t.reshape(-1, *fused.shape[1:]).contiguous()  # noqa: E731
-    return flat(q), flat(k), flat(v)
+    q, k, v = (part.reshape(-1, *fused.shape[1:]).contiguous() for part in grouped.split([per_group, 1, 1], dim=1))
+    return q, k, v
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], shapes: Shapes, vocab_size: int) -> dict[str, torch.Tensor]:
