@@ -39,16 +39,20 @@ class PickleRequired(ConvertError):
     """The file holds pickled Python objects and ``allow_pickle`` was not given."""
 
 
-def _unsupported_global(error: Exception) -> str:
-    """The 'GLOBAL module.name' that weights_only refused, from torch's long multi-line message."""
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+def first_line(error: BaseException) -> str:
+    """An exception's first line (up to 200 characters): errors here stay one line."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _weights_only_refusal(error: Exception) -> str:
+    """What weights_only refused (e.g. ``argparse.Namespace``), from torch's long multi-line message."""
+    text = str(error)
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if match:
         return match.group(1)
-    match = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))
-    if match:
-        return match.group(1)[:200]
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return first_line[:200]
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return match.group(1).strip()[:200] if match else first_line(error)
 
 
 def load_torch_file(path: Path, allow_pickle: bool = False) -> Any:
@@ -56,19 +60,19 @@ def load_torch_file(path: Path, allow_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        if allow_pickle:
-            raise ConvertError(f"{path}: not a readable torch checkpoint ({_unsupported_global(e)}).") from e
+        refusal = _weights_only_refusal(e)
+        if allow_pickle or refusal.startswith("Unsupported operand"):  # not a pickle at all
+            raise ConvertError(f"{path}: not a readable torch checkpoint ({refusal}).") from e
         raise PickleRequired(
-            f"{path}: holds pickled Python objects ({_unsupported_global(e)}), which are not read by default; "
-            "pass --allow-pickle (allow_pickle=True) only if you trust the file, since unpickling can run "
-            "arbitrary code from it."
+            f"{path}: holds pickled Python objects ({refusal}), which are not read by default; pass "
+            "--allow-pickle (allow_pickle=True) only if you trust the file, since unpickling can run arbitrary "
+            "code from it."
         ) from None
     except ModuleNotFoundError as e:
         raise ConvertError(f"{path}: its pickled objects need the Python module {e.name!r}; install the package "
                            f"that provides it (for Megatron-LM checkpoints: pip install megatron-core).") from e
-    except (RuntimeError, OSError, EOFError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{path}: not a readable torch checkpoint ({detail[:200]}).") from e
+    except Exception as e:  # torch.load fails in many ways on a damaged or foreign file (KeyError, RuntimeError...)
+        raise ConvertError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first_line(e)}).") from e
 
 
 def output_dtype(choice: str, tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -111,8 +115,7 @@ def load_tokenizer(source: str, what: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{what} {source!r}: no tokenizer could be loaded from it ({detail[:200]}).") from e
+        raise ConvertError(f"{what} {source!r}: no tokenizer could be loaded from it ({first_line(e)}).") from e
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:

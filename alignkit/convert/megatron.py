@@ -51,6 +51,7 @@ from alignkit.convert.common import (
     PickleRequired,
     cast_floating,
     check_output_dir,
+    first_line,
     load_tokenizer,
     load_torch_file,
     output_dtype,
@@ -182,6 +183,9 @@ def find_iteration_dir(checkpoint: Path, iteration: int | None = None) -> Path:
         chosen = checkpoint / f"iter_{iteration:07d}"
     elif (checkpoint / TRACKER_FILE).is_file():
         marker = (checkpoint / TRACKER_FILE).read_text().strip()
+        if marker != "release" and not marker.isdigit():
+            raise ConvertError(f"{checkpoint / TRACKER_FILE}: holds {marker[:40]!r}, not an iteration number or "
+                               "'release'; pass --iteration.")
         chosen = checkpoint / ("release" if marker == "release" else f"iter_{int(marker):07d}")
     elif available:
         chosen = checkpoint / available[-1]
@@ -341,13 +345,16 @@ def read_dcp_metadata(iteration_dir: Path, allow_pickle: bool) -> Any:
             raise ConvertError(f"{path}: holds pickled objects beyond torch's checkpoint records ({e}); pass "
                                "--allow-pickle only if you trust the file (unpickling can run code from it).") from None
         except (EOFError, AttributeError, ValueError) as e:
-            raise ConvertError(f"{path}: not a readable torch.distributed.checkpoint metadata file ({e}).") from e
+            raise ConvertError(f"{path}: not a readable torch.distributed.checkpoint metadata file ({first_line(e)}).") from e
 
 
 def _check_backend(iteration_dir: Path) -> None:
     path = iteration_dir / "metadata.json"
     if path.is_file():
-        backend = json.loads(path.read_text()).get("sharded_backend")
+        try:
+            backend = json.loads(path.read_text()).get("sharded_backend")
+        except (ValueError, AttributeError) as e:
+            raise ConvertError(f"{path}: not Megatron's checkpoint metadata JSON ({first_line(e)}).") from e
         if backend not in (None, "torch_dist"):
             raise ConvertError(f"{path}: sharded backend {backend!r} is not supported; re-save the checkpoint in the "
                                "torch_dist format (Megatron's --ckpt-format torch_dist) or as per-rank files.")

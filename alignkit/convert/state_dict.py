@@ -31,6 +31,7 @@ from alignkit.convert.common import (
     ConvertError,
     cast_floating,
     check_output_dir,
+    first_line,
     load_tokenizer,
     load_torch_file,
     output_dtype,
@@ -82,7 +83,7 @@ def _read_weights_file(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor
         try:
             return load_file(path)
         except (SafetensorError, OSError) as e:
-            raise ConvertError(f"{path}: not a readable safetensors file ({e}).") from e
+            raise ConvertError(f"{path}: not a readable safetensors file ({first_line(e)}).") from e
     return extract_state_dict(load_torch_file(path, allow_pickle), str(path))
 
 
@@ -90,7 +91,7 @@ def _index_shards(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConvertError(f"{index}: not a weights index (expected JSON with a 'weight_map'): {e}.") from e
+        raise ConvertError(f"{index}: not a weights index (expected JSON with a 'weight_map'): {first_line(e)}.") from e
     shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
     absent = [s.name for s in shards if not s.is_file()]
     if absent:
@@ -216,7 +217,7 @@ def convert_state_dict(checkpoint: str | Path, base_model: str, output_dir: str 
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ConvertError(f"base model {base_model!r}: no config.json could be loaded ({e}).") from e
+        raise ConvertError(f"base model {base_model!r}: no config.json could be loaded ({first_line(e)}).") from e
     tokenizer = load_tokenizer(source, "base model")
     try:
         generation_config = GenerationConfig.from_pretrained(source)

@@ -199,6 +199,14 @@ def test_a_file_without_a_state_dict_is_refused(base, tmp_path):
         convert_state_dict(_save_torch(tmp_path / "x.pt", {"step": 3, "notes": ["a"]}), str(base), tmp_path / "hf")
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", bytes(range(256)) * 4], ids=["text", "binary"])
+def test_a_damaged_file_is_reported_in_one_line(content, base, tmp_path):
+    (tmp_path / "broken.bin").write_bytes(content)
+    with pytest.raises(ConvertError) as error:
+        convert_state_dict(tmp_path / "broken.bin", str(base), tmp_path / "hf")
+    assert "broken.bin: not a readable torch checkpoint" in _one_line(error)
+
+
 def test_a_folder_with_several_weights_files_asks_for_one(base, trained, tmp_path):
     _bare_pt(tmp_path / "ckpt", trained)
     _halos(tmp_path / "ckpt", trained)
