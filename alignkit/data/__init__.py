@@ -37,7 +37,8 @@ from alignkit.data.formats import (
     normalize_rows,
     suggest_format,
 )
-from alignkit.data.sources import DataError, Row, read_source, rename_fields
+from alignkit.data.rows import DataError, Row, rename_fields
+from alignkit.data.sources import read_source
 from alignkit.data.tokenize import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.data.sources import DataError, Row, rename_fields
+from alignkit.data.rows import DataError, Row, rename_fields
 
 logger = logging.getLogger("alignkit")
 

@@ -25,12 +25,12 @@ import logging
 import re
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alignkit.config import DataSource
-from alignkit.errors import AlignkitError
+from alignkit.data.formats import from_llamafactory, llamafactory_format
+from alignkit.data.rows import DataError, Row, rename_fields
 
 logger = logging.getLogger("alignkit")
 
@@ -42,45 +42,6 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _WHOLE_FILE_NOTE = "(the file is read as a whole, so data.on_bad_row=skip cannot drop only part of it)"
 _REENCODE = "Re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT` if it is Latin-1"
-
-
-class DataError(AlignkitError, ValueError):
-    """A data row or source is unusable. The message names the source, row and field, and the fix."""
-
-    def __init__(self, problem: str, *, origin: Row | None = None, source: str | None = None,
-                 field: str | None = None, fix: str = ""):
-        self.problem, self.field, self.fix = problem, field, fix
-        self.source = origin.source if origin is not None else source
-        self.row = origin.index if origin is not None else None
-        where = origin.where() if origin is not None else (source or "")
-        head = ", ".join(x for x in (where, f"field {field!r}" if field else "") if x)
-        text = f"{head}: {problem}" if head else problem
-        if fix:
-            text = f"{text.rstrip('.')}. {fix}"
-        super().__init__(text)
-
-    def at(self, origin: Row) -> DataError:
-        """The same error located at ``origin`` (for errors raised by code that only saw the record)."""
-        if self.source is not None:
-            return self
-        return DataError(self.problem, origin=origin, field=self.field, fix=self.fix)
-
-
-@dataclass
-class Row:
-    """One record and its origin: ``index`` is the 1-based line for JSONL and CSV (``unit="line"``; a
-    CSV row's first line), else the 0-based row index."""
-
-    data: dict[str, Any]
-    source: str
-    index: int
-    unit: str = "row index"
-
-    def where(self) -> str:
-        return f"{self.source} {self.unit} {self.index}"
-
-    def with_data(self, data: dict[str, Any]) -> Row:
-        return Row(data, self.source, self.index, self.unit)
 
 
 def read_source(src: DataSource, *, on_bad_row: str = "error", skipped: list[DataError] | None = None) -> list[Row]:
@@ -110,14 +71,6 @@ def read_source(src: DataSource, *, on_bad_row: str = "error", skipped: list[Dat
     if src.columns:
         _rename_columns(rows, src)
     return rows
-
-
-def rename_fields(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
-    """``record`` with its fields renamed old -> new, as ``DataSource.columns`` does."""
-    data = dict(record)
-    moved = {new: data.pop(old) for old, new in columns.items() if old in data}
-    data.update(moved)
-    return data
 
 
 def _skip_or_raise(err: DataError, on_bad_row: str, skipped: list[DataError] | None) -> None:
@@ -741,8 +694,6 @@ def _split_registry_path(path: str) -> tuple[Path, str] | None:
 
 def _read_registry_dataset(info: Path, name: str, src: DataSource, on_bad_row: str,
                            skipped: list[DataError] | None) -> list[Row]:
-    from alignkit.data.formats import from_llamafactory, llamafactory_format  # formats imports this module
-
     where = f"{info}#{name}"
     entry = _registry_entry(info, name)
     if src.columns:

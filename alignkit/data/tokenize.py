@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from alignkit.data.sources import DataError
+from alignkit.data.rows import DataError
 
 logger = logging.getLogger("alignkit")
 
