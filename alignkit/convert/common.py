@@ -155,8 +155,10 @@ def save_hf_folder(config: Any, state_dict: dict[str, torch.Tensor], output_dir:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if output_dir.exists():
+        if output_dir.is_dir():
             shutil.rmtree(output_dir)
+        elif output_dir.exists():  # a file, replaced with --overwrite
+            output_dir.unlink()
         os.rename(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
