@@ -286,6 +286,10 @@ def _from_dict(cls: type, data: Any, where: str, base: Any = None) -> Any:
     return cls(**kwargs)
 
 
+# keys that were renamed when they moved into a nested section (0.1 -> 0.2)
+_RENAMED = {"engine": "sampler", "generation_batch_size": "batch_size"}
+
+
 def _suggest_key(key: str, cls: type, where: str) -> str:
     """`` (did you mean ...?)`` for a mistyped key; a key that belongs in a nested section is pointed there
     (``grpo.reward_model`` -> ``grpo.reward.model``, ``grpo.num_samples`` -> ``grpo.generation.num_samples``)."""
@@ -294,10 +298,10 @@ def _suggest_key(key: str, cls: type, where: str) -> str:
     for name in names:
         if dataclasses.is_dataclass(hints[name]):
             inner = {f.name for f in dataclasses.fields(hints[name])}
-            for candidate in (key, key.removeprefix(f"{name}_"), key.removeprefix("generation_")):
+            for candidate in (key, key.removeprefix(f"{name}_"), _RENAMED.get(key, key)):
                 if candidate in inner:
                     return f" (did you mean {where}.{name}.{candidate}?)"
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    close = [_RENAMED[key]] if _RENAMED.get(key) in names else difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -55,11 +55,25 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir, sft_file):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_sft_zero3_two_processes_trains_and_saves(tmp_path, tiny_model_dir, sft_file):
-    cfg = _config(tmp_path, tiny_model_dir, sft_file, "z3", per_device_batch_size=2, max_steps=8)
+def test_sft_zero3_two_processes_trains_saves_and_resumes_exactly(tmp_path, tiny_model_dir, sft_file):
+    cfg = _config(tmp_path, tiny_model_dir, sft_file, "z3", per_device_batch_size=2, max_steps=8,
+                  lr_scheduler="constant")
     _run(["train", "sft", str(cfg), "--num-processes", "2", "--deepspeed", "zero3"], tmp_path)
     losses = _losses(tmp_path / "z3")
     assert losses[-1] < losses[0]
+    # 4 steps and a checkpoint, then resume to 8 (max_steps may change on resume): DeepSpeed's partitioned
+    # optimizer state comes back through the safe loader, and the losses continue exactly
+    half = _config(tmp_path, tiny_model_dir, sft_file, "z3-resumed", per_device_batch_size=2, max_steps=4,
+                   save_steps=4, lr_scheduler="constant")
+    _run(["train", "sft", str(half), "--num-processes", "2", "--deepspeed", "zero3"], tmp_path)
+    state = tmp_path / "z3-resumed" / "checkpoint-4" / "trainer_state"
+    assert (state / "deepspeed").is_dir() and not list(state.rglob("*.pkl"))
+    _run(["train", "sft", str(half), "--num-processes", "2", "--deepspeed", "zero3", "--resume",
+          "--set", "training.max_steps=8"], tmp_path)
+    resumed = _losses(tmp_path / "z3-resumed")
+    assert len(resumed) == 8
+    for a, b in zip(losses, resumed):
+        assert a == pytest.approx(b, rel=1e-4)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "z3")  # a plain, complete HF folder

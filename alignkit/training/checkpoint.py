@@ -1,9 +1,19 @@
 """Output folders and checkpoints: the start-of-run check, atomic checkpoints, rotation, exact resume.
 
-A checkpoint ``checkpoint-N`` holds the model as a normal HF folder, the accelerate trainer state
-(optimizer, scheduler, RNG) under ``trainer_state/`` and ``alignkit_state.json`` (step counters and the
-method's state). It is written as ``.tmp-checkpoint-N`` and renamed when complete, and the state file is
-written last, so a folder named ``checkpoint-N`` with a state file is always whole.
+A checkpoint ``checkpoint-N`` holds the model as a normal HF folder, the trainer state under
+``trainer_state/`` and ``alignkit_state.json`` (step counters and the method's state). It is written as
+``.tmp-checkpoint-N`` and renamed when complete, and the state file is written last, so a folder named
+``checkpoint-N`` with a state file is always whole.
+
+Nothing in a checkpoint can run code when it is loaded (a shared checkpoint is untrusted input):
+
+- ``trainer_state/model.safetensors``: the trained parameters, by name (safetensors);
+- ``trainer_state/optimizer.pt``: the optimizer's state dict, read with ``torch.load(weights_only=True)``;
+- ``trainer_state/scheduler.json``, ``rng_state_<rank>.json`` (Python, NumPy, torch and CUDA generators),
+  ``scaler.json`` (fp16 loss scale): plain JSON;
+- under DeepSpeed, ``trainer_state/deepspeed/``: DeepSpeed's own checkpoint (partitioned weights and
+  optimizer), which DeepSpeed unpickles; every file in it is first read with ``weights_only=True`` and the
+  checkpoint is refused unless all of them pass (only tensors and plain containers).
 """
 
 from __future__ import annotations
@@ -11,18 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from alignkit.config import RunConfig, TrainingConfig
 from alignkit.errors import TrainingError
-from alignkit.training.accelerator import zero_stage
+from alignkit.training.accelerator import is_deepspeed, zero_stage
 
 logger = logging.getLogger("alignkit")
 
 STATE_FILE = "alignkit_state.json"  # written last: its presence marks a complete checkpoint
 CONFIG_FILE = "alignkit_config.yaml"
+TRAINER_STATE = "trainer_state"
+_PICKLED = (".pkl", ".bin", ".pickle")  # what older checkpoints held (accelerate's save_state)
 
 
 @dataclass
@@ -78,6 +93,149 @@ def prepare_output_dir(accelerator, cfg: RunConfig) -> Path | None:
     return resume_from
 
 
+# --------------------------------------------------------------------------------------------------
+# Trainer state that loads without running code
+# --------------------------------------------------------------------------------------------------
+
+
+def _deepspeed_safe_globals() -> list:
+    """The two DeepSpeed classes its optimizer-state files hold besides tensors: an int enum and a plain
+    class with attributes; building them runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler]
+
+
+def safe_torch_load(path: Path, allowed: list | None = None) -> object:
+    """``torch.load`` that only builds tensors, plain containers and the ``allowed`` classes; a file that
+    needs anything else (a pickle that could run code) is a TrainingError naming it."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (and others) for anything outside its allowlist
+        raise TrainingError(
+            f"{path}: refusing to load it: it holds objects other than tensors and plain data, which loading would "
+            f"create by running code from the file ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Use "
+            "checkpoints written by alignkit, or start a new run from the checkpoint's model folder "
+            "(model.name_or_path=<checkpoint-N>).") from None
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _trained_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The state dict (or only the parameters that train), by name; tensors sharing storage saved once."""
+    from alignkit.models import unwrap_model
+
+    inner = unwrap_model(model)
+    if trainable_only:
+        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+    else:
+        named = list(inner.state_dict(keep_vars=True).items())
+    out, seen = {}, set()
+    for name, t in named:
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:  # tied weights: one copy (they are one parameter again after loading)
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *, trainable_only: bool) -> None:
+    """Everything resume needs besides the step counters, in formats that load without running code.
+    Every process must call it."""
+    from safetensors.torch import save_file
+
+    acc = accelerator
+    if acc.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    if is_deepspeed(acc):  # a collective: partitioned weights and optimizer, one file per rank
+        model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False,
+                              exclude_frozen_parameters=trainable_only)
+    elif acc.is_main_process:
+        save_file(_trained_tensors(model, trainable_only), str(folder / "model.safetensors"))
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    if acc.is_main_process:
+        (folder / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        if acc.scaler is not None:
+            (folder / "scaler.json").write_text(json.dumps(acc.scaler.state_dict()))
+    (folder / f"rng_state_{acc.process_index}.json").write_text(json.dumps(_rng_state()))
+    acc.wait_for_everyone()
+
+
+def load_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *, trainable_only: bool) -> None:
+    """The inverse of :func:`save_trainer_state`; refuses files that would run code when loaded."""
+    from safetensors.torch import load_file
+
+    from alignkit.models import unwrap_model
+
+    acc = accelerator
+    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in _PICKLED)
+    if pickled:
+        raise TrainingError(
+            f"{folder} holds {', '.join(pickled)}: trainer state in a format that runs code when loaded (pickle, "
+            "written by alignkit before 0.2); alignkit no longer loads it. Start a new run from the checkpoint's "
+            f"model folder instead (model.name_or_path={folder.parent}).")
+    if is_deepspeed(acc):
+        ds = folder / "deepspeed"
+        if not ds.is_dir():
+            raise TrainingError(f"{folder}: no DeepSpeed state; this checkpoint was written without DeepSpeed. "
+                                "Resume it without training.deepspeed, or start a new run from its model folder.")
+        allowed = _deepspeed_safe_globals()
+        for path in sorted(ds.rglob("*.pt")):
+            safe_torch_load(path, allowed)  # raises before DeepSpeed unpickles anything that is not plain data
+        model.load_checkpoint(str(ds), tag="state", load_module_strict=not trainable_only,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        if (folder / "deepspeed").is_dir():
+            raise TrainingError(f"{folder}: written under DeepSpeed; resume it with the same training.deepspeed.")
+        tensors = load_file(str(folder / "model.safetensors"))
+        inner = unwrap_model(model)
+        result = inner.load_state_dict(tensors, strict=False)
+        expected = _trained_tensors(model, trainable_only).keys()
+        missing = [k for k in result.missing_keys if k in expected]
+        if missing or result.unexpected_keys:
+            raise TrainingError(f"{folder}/model.safetensors does not match this model (missing {missing[:3]}, "
+                                f"unexpected {result.unexpected_keys[:3]}): the checkpoint is of another model or "
+                                "finetune mode; start a new run instead.")
+        optimizer.load_state_dict(safe_torch_load(folder / "optimizer.pt"))
+    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+    if acc.scaler is not None and (folder / "scaler.json").is_file():
+        acc.scaler.load_state_dict(json.loads((folder / "scaler.json").read_text()))
+    rng_file = folder / f"rng_state_{acc.process_index}.json"
+    if rng_file.is_file():
+        _set_rng_state(json.loads(rng_file.read_text()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
 class Checkpointer:
     """Atomic checkpoints: write ``.tmp-checkpoint-N``, then rename to ``checkpoint-N``.
 
@@ -85,23 +243,14 @@ class Checkpointer:
     needs to resume exactly (a KL controller, an RNG), or None.
     """
 
-    def __init__(self, accelerator, model, tokenizer, cfg: RunConfig, method_state=None):
+    def __init__(self, accelerator, model, optimizer, scheduler, tokenizer, cfg: RunConfig, method_state=None):
         from alignkit.models import is_peft_model
 
         self.accelerator, self.model, self.tokenizer, self.cfg = accelerator, model, tokenizer, cfg
-        self.method_state = method_state
+        self.optimizer, self.scheduler, self.method_state = optimizer, scheduler, method_state
         self.out = Path(cfg.training.output_dir)
-        self.peft = is_peft_model(model)
-        if self.peft:
-            trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-
-            def keep_trainable(models, weights, output_dir):
-                # frozen base weights are in the base model already: save only what training changes
-                for w in weights:
-                    for k in [k for k in w if k not in trainable and k.removeprefix("module.") not in trainable]:
-                        del w[k]
-
-            accelerator.register_save_state_pre_hook(keep_trainable)
+        # frozen base weights are in the base model already: save only what training changes
+        self.trainable_only = is_peft_model(model)
 
     def save_model(self, path: Path) -> None:
         """A normal HF folder (model or adapter + tokenizer + config), from every process (ZeRO-3 gathers)."""
@@ -122,8 +271,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         self.save_model(tmp)
-        acc.save_state(str(tmp / "trainer_state"))
-        acc.wait_for_everyone()
+        save_trainer_state(acc, self.model, self.optimizer, self.scheduler, tmp / TRAINER_STATE,
+                           trainable_only=self.trainable_only)
         if acc.is_main_process:
             method_state = self.method_state.state_dict() if self.method_state is not None else {}
             payload = {"train_state": asdict(state), "method_state": method_state}
@@ -144,7 +293,8 @@ class Checkpointer:
 
     def load(self, path: Path) -> TrainState:
         payload = json.loads((path / STATE_FILE).read_text())
-        self.accelerator.load_state(str(path / "trainer_state"), **({"strict": False} if self.peft else {}))
+        load_trainer_state(self.accelerator, self.model, self.optimizer, self.scheduler, path / TRAINER_STATE,
+                           trainable_only=self.trainable_only)
         if self.method_state is not None:
             self.method_state.load_state_dict(payload.get("method_state", {}))
         return TrainState(**payload["train_state"])

@@ -187,9 +187,8 @@ def start_training(accelerator, cfg: RunConfig, model: torch.nn.Module, tokenize
     model.train()
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_updates)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us, once per update on every process
-    checkpointer = checkpointer_cls(accelerator, model, tokenizer, cfg, method_state)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by us, once per update
+    checkpointer = checkpointer_cls(accelerator, model, optimizer, scheduler, tokenizer, cfg, method_state)
     state = TrainState()
     if resume_from is not None:
         state = checkpointer.load(resume_from)

@@ -68,7 +68,7 @@ def best_of_n(files: dict, rm: Path, out: Path, n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/distill")
-    ap.add_argument("--reward-model", help="sentiment RM folder (examples/sentiment_preference.py makes one)")
+    ap.add_argument("--reward-model", help="sentiment RM folder (python -m examples.sentiment.preference_runs makes one)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
