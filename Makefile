@@ -8,7 +8,7 @@ STAMP := $(VENV)/.alignkit-installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow test-megatron lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,23 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# megatron-core needs its own environment; the converter's tests run against real Megatron checkpoints
+MEGATRON_VENV ?= .venv-megatron
+MEGATRON_STAMP := $(MEGATRON_VENV)/.alignkit-installed
+
+$(MEGATRON_STAMP): pyproject.toml Makefile
+	test -x $(MEGATRON_VENV)/bin/python || $(PY) -m venv $(MEGATRON_VENV)
+	$(MEGATRON_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	# torch first and pinned (as for .venv); megatron-core 0.16.1 is the newest release for Python 3.11
+	$(MEGATRON_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(MEGATRON_VENV)/bin/pip install -q megatron-core==0.16.1 psutil pytest
+	$(MEGATRON_VENV)/bin/pip install -q -e .
+	$(MEGATRON_VENV)/bin/python -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
+	touch $(MEGATRON_STAMP)
+
+test-megatron: $(MEGATRON_STAMP)
+	$(MEGATRON_VENV)/bin/python -m pytest -q -p no:xdist -m megatron tests/convert $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -38,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_dpo.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(MEGATRON_VENV) outputs .pytest_cache

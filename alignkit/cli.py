@@ -4,17 +4,45 @@
     alignkit config METHOD              every option with its default and doc
     alignkit assets list | fetch NAME   the offline cache of real models and data
     alignkit merge ADAPTER_DIR OUT_DIR  merge a LoRA adapter into its base model
+    alignkit convert state-dict|megatron ...  raw state dicts / Megatron checkpoints -> HF folders
+
+Every expected error (:class:`alignkit.errors.AlignkitError`) is one line on stderr, printed once (rank 0,
+or the launcher for the processes it started), and the exit code is 2; ``--debug`` (or
+``ALIGNKIT_DEBUG=1``) shows the traceback instead. Like ``python -m``, the current folder is importable, so
+``reward.functions: [my_rewards:accuracy]`` finds ``./my_rewards.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from alignkit.errors import AlignkitError
+from alignkit.methods import METHODS
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model with METHOD (sft, ...)")
-    p.add_argument("method")
+
+def _method_list() -> str:
+    width = max(len(name) for name in METHODS)
+    return "\n".join(f"  {name:<{width}}  {spec.summary}" for name, spec in METHODS.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="alignkit", formatter_class=raw,
+        description="Post-training for Hugging Face LLMs: SFT, reward models, the DPO family, KTO, PPO/RLOO/GRPO, "
+                    "distillation, rejection sampling.",
+        epilog=f"methods (alignkit train METHOD):\n{_method_list()}\n\nalignkit COMMAND --help tells more; "
+               "--debug shows tracebacks.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors (or "
+                                                             "ALIGNKIT_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model with METHOD", formatter_class=raw,
+                       description="Train a model with METHOD from a YAML config and/or --set overrides.",
+                       epilog=f"methods:\n{_method_list()}\n\nalignkit config METHOD lists every option.")
+    p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("config", nargs="?", help="YAML config file (optional: defaults + --set work alone)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set training.learning_rate=1e-5 (repeatable)")
@@ -23,48 +51,87 @@ def _train_parser(sub) -> None:
     p.add_argument("--deepspeed", help="zero1, zero2, zero3 or a DeepSpeed JSON file")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest checkpoint (or a path)")
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="alignkit", description="Post-training for Hugging Face LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    p = sub.add_parser("config", help="print every option of METHOD with default and doc")
-    p.add_argument("method", nargs="?", default="sft")
+    p = sub.add_parser("config", help="print every option of METHOD with its default and doc",
+                       formatter_class=raw, epilog=f"methods:\n{_method_list()}")
+    p.add_argument("method", nargs="?", default="sft", metavar="METHOD", help="default: sft")
     p.add_argument("--markdown", action="store_true", help="the reference of every method, as docs/config.md")
-    p = sub.add_parser("assets", help="list or fetch the offline real assets")
+    p = sub.add_parser("assets", help="list or fetch the offline real assets", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("convert", help="convert raw state dicts or Megatron checkpoints into HF folders",
+                       add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("adapter_dir")
     p.add_argument("output_dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ALIGNKIT_DEBUG") == "1"
+    if debug:
+        os.environ["ALIGNKIT_DEBUG"] = "1"  # the processes a launch starts inherit it
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] in (["convert"], ["assets"]):  # their own parsers (--help included) take the rest
+        args = argparse.Namespace(command=argv[0], rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
     from alignkit.api import setup_logging
-    from alignkit.config import ConfigError
 
     setup_logging()
     try:
-        if args.command == "train":
-            return _train(args, argv)
-        if args.command == "config":
-            from alignkit.config import describe
-            from alignkit.methods import config_class, config_reference
+        return _run(args, argv)
+    except AlignkitError as e:
+        if debug:
+            raise
+        return report_error(str(e))
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        from alignkit.launch import another_process_failed
 
-            print(config_reference() if args.markdown else describe(args.method, config_class(args.method)))
-            return 0
-        if args.command == "assets":
-            from alignkit.assets import assets_main
+        if not debug and another_process_failed():
+            return 3  # a collective broke because a peer stopped on an error the launcher prints
+        raise
 
-            return assets_main(args.rest)
-        if args.command == "merge":
-            from alignkit.models import merge_lora
 
-            merge_lora(args.adapter_dir, args.output_dir)
-            print(f"merged model written to {args.output_dir}")
-            return 0
-    except ConfigError as e:
-        print(f"alignkit: config error: {e}", file=sys.stderr)
-        return 2
+def report_error(message: str) -> int:
+    """Print an expected error as one line, once: from rank 0, or through the launcher that started us."""
+    from alignkit.launch import write_error
+
+    line = " ".join(message.split())
+    if not write_error(line) and os.environ.get("RANK", "0") == "0":
+        print(f"alignkit: error: {line}", file=sys.stderr)
+    return 2
+
+
+def _run(args, argv: list[str]) -> int:
+    if args.command == "train":
+        return _train(args, argv)
+    if args.command == "config":
+        from alignkit.config import describe
+        from alignkit.methods import config_class, config_reference
+
+        print(config_reference() if args.markdown else describe(args.method, config_class(args.method)))
+        return 0
+    if args.command == "assets":
+        from alignkit.assets import assets_main
+
+        return assets_main(args.rest)
+    if args.command == "convert":
+        from alignkit.convert import convert_main
+
+        return convert_main(args.rest)
+    if args.command == "merge":
+        from alignkit.models import merge_lora
+
+        merge_lora(args.adapter_dir, args.output_dir)
+        print(f"merged model written to {args.output_dir}")
+        return 0
     return 1
 
 

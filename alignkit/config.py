@@ -141,9 +141,30 @@ class TrainingConfig:
             raise ConfigError(
                 f"training.deepspeed={self.deepspeed!r}: use zero1, zero2, zero3 or the path of a DeepSpeed JSON file."
             )
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "num_processes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"training.{name} must be >= 1 (got {getattr(self, name)}).")
+        rules = [
+            ("per_device_batch_size", self.per_device_batch_size >= 1, ">= 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
+            ("num_processes", self.num_processes >= 1, ">= 1"),
+            ("learning_rate", self.learning_rate > 0, "> 0 (e.g. 2e-5)"),
+            ("num_epochs", self.num_epochs > 0, "> 0"),
+            ("max_steps", self.max_steps == -1 or self.max_steps > 0, "> 0, or -1 to train for num_epochs"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
+            ("adam_epsilon", self.adam_epsilon > 0, "> 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+            ("logging_steps", self.logging_steps >= 1, ">= 1"),
+            ("eval_steps", self.eval_steps >= 0, ">= 0 (0: only at the end)"),
+            ("save_steps", self.save_steps >= 0, ">= 0 (0: no checkpoints until the end)"),
+            ("save_total_limit", self.save_total_limit is None or self.save_total_limit >= 1, ">= 1 (or null)"),
+            ("max_nonfinite_updates", self.max_nonfinite_updates >= 1, ">= 1"),
+            ("dataloader_num_workers", self.dataloader_num_workers >= 0, ">= 0"),
+        ]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"training.{name}={getattr(self, name)!r}: must be {rule}.")
         if self.resume not in (None, "latest") and not Path(self.resume).exists():
             raise ConfigError(f"training.resume={self.resume!r}: no such checkpoint; use 'latest' or a checkpoint folder.")
 

@@ -23,6 +23,7 @@ import torch
 
 from alignkit import assets
 from alignkit.config import ConfigError, ModelConfig
+from alignkit.errors import AlignkitError
 from alignkit.gguf import load_gguf
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,14 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 _SEQ_CLS_HEADS = ("score", "classifier")
+
+
+class ModelLoadError(AlignkitError, OSError):
+    """A model, tokenizer or adapter cannot be found or loaded; the message says where alignkit looked."""
+
+
+class MissingPackageError(AlignkitError, ImportError):
+    """An optional package a setting needs is not installed; the message gives the pip command."""
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -106,7 +115,7 @@ def _from_pretrained(cls: Any, source: _Source, key: str, **kwargs: Any) -> Any:
 
         close = difflib.get_close_matches(source.path.lower(), _model_assets().split(", "), n=1, cutoff=0.5)
         hint = f"Did you mean the asset {close[0]!r}? " if close else ""
-        raise OSError(
+        raise ModelLoadError(
             f"{key}={source.path!r}: not a local folder nor an asset, and loading it from the Hugging Face Hub "
             f"failed: {e}\n{hint}Offline? Use a local folder or a model asset ({_model_assets()}); HF_HUB_OFFLINE=1 "
             "skips the Hub retries."
@@ -184,7 +193,7 @@ def _bnb_config(dtype: torch.dtype) -> Any:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or a broken native library
-        raise ImportError(f"model.finetune=qlora needs bitsandbytes: pip install alignkit[qlora] ({e}).") from e
+        raise MissingPackageError(f"model.finetune=qlora needs bitsandbytes: pip install alignkit[qlora] ({e}).") from e
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -476,15 +485,15 @@ def merge_lora(adapter_dir: str | Path, output_dir: str | Path, *, dtype: str = 
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; merge_lora needs a LoRA adapter folder "
-                                "(saved by a finetune: lora or qlora run).")
+        raise ModelLoadError(f"{adapter_dir}: no adapter_config.json; merge_lora needs a LoRA adapter folder "
+                             "(saved by a finetune: lora or qlora run).")
     adapter_config = json.loads(config_file.read_text())
     base = adapter_config.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{config_file}: base_model_name_or_path is empty; cannot tell which model to merge into.")
+        raise ModelLoadError(f"{config_file}: base_model_name_or_path is empty; cannot tell which model to merge into.")
     task = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls"}.get(adapter_config.get("task_type") or "CAUSAL_LM")
     if task is None:
-        raise ValueError(f"{config_file}: task_type {adapter_config.get('task_type')!r} is not supported "
+        raise ModelLoadError(f"{config_file}: task_type {adapter_config.get('task_type')!r} is not supported "
                          "(CAUSAL_LM or SEQ_CLS).")
     base_cfg = ModelConfig(name_or_path=base, revision=adapter_config.get("revision"), dtype=dtype)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()

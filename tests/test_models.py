@@ -367,7 +367,7 @@ def test_merge_lora_seq_cls(tiny_dir, tmp_path):
 
 
 def test_merge_lora_rejects_a_non_adapter_folder(tiny_dir):
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(models.ModelLoadError, match="adapter_config.json"):
         merge_lora(tiny_dir, tiny_dir / "never")
 
 

@@ -71,7 +71,7 @@ from alignkit.training import (
     zero_stage,
 )
 from alignkit.training.batches import derived_seed
-from alignkit.training.checkpoint import check_output_dir
+from alignkit.training.checkpoint import check_output_dir, lock_output_dir
 from alignkit.training.supervised import SFTMethod
 
 logger = logging.getLogger("alignkit")
@@ -458,6 +458,7 @@ def run_seqkd(cfg: RunConfig) -> dict:
     t = cfg.training
     out = Path(t.output_dir)
     accelerator = setup_accelerator(t)
+    lock_output_dir(accelerator, t.output_dir)  # the teacher data file is appended to: one run at a time
     if not t.resume:
         check_output_dir(t)  # a finished run there: fail now, not after the teacher generated
     tokenizer = load_tokenizer(cfg.model)

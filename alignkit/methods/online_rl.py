@@ -73,7 +73,7 @@ from alignkit.training import (
 )
 from alignkit.training.accelerator import global_counts
 from alignkit.training.batches import BatchStream, derived_seed, minibatches
-from alignkit.training.tracking import MetricSums
+from alignkit.training.tracking import MetricSums, cut_jsonl
 
 logger = logging.getLogger("alignkit")
 
@@ -417,6 +417,8 @@ def run(cfg: RunConfig) -> dict:
                           method_state=OnlineState(kl_controller, reward), bar_keys=("reward", "kl", "loss/policy"),
                           checkpointer_cls=PolicyCriticCheckpointer if critic is not None else Checkpointer)
     model, state = run_.model, run_.state
+    if state.step and accelerator.is_main_process:
+        cut_jsonl(run_.output_dir / "samples.jsonl", state.step)  # a resumed run samples those steps again
     sampler = build_sampler(args.generation, tokenizer, model_name_or_path=cfg.model.name_or_path,
                             device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed)
     # the module the sampler samples from; vLLM syncs weights by parameter name, so give it the bare policy

@@ -41,7 +41,7 @@ from alignkit.rollout.resumable import (
     sft_record,
 )
 from alignkit.training import fit, prepare_frozen, setup_accelerator
-from alignkit.training.checkpoint import check_output_dir
+from alignkit.training.checkpoint import check_output_dir, lock_output_dir, release_run_lock
 from alignkit.training.supervised import SFTMethod
 
 logger = logging.getLogger("alignkit")
@@ -160,6 +160,7 @@ def run(cfg: RunConfig) -> dict:
     t = cfg.training
     out = Path(t.output_dir)
     accelerator = setup_accelerator(t)
+    lock_output_dir(accelerator, t.output_dir)  # the samples file is appended to: one run at a time
     if args.train_sft and not t.resume:
         check_output_dir(t)  # a finished SFT run there: fail now, not after sampling
     tokenizer = load_tokenizer(cfg.model)
@@ -193,6 +194,8 @@ def run(cfg: RunConfig) -> dict:
     result: dict[str, Any] = {"step": 0, "train": {}, "eval": {}, "output_dir": str(out), "best_of_n": summary,
                               "data_file": str(out / SAMPLES_FILE)}
     if not args.train_sft:
+        if accelerator.is_main_process:
+            release_run_lock(t.output_dir)
         return result
 
     del policy, reward, sampler

@@ -152,7 +152,7 @@ class RewardModelScorer:
         self.max_length = min(limits) if limits else None
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
         if pad_id is None:
-            raise ValueError(f"reward model {name}: its tokenizer has no pad token; set one (e.g. its eos).")
+            raise ConfigError(f"reward model {name}: its tokenizer has no pad token; set one (e.g. its eos).")
         self.framing = RewardModelFraming.for_tokenizer(tokenizer, pad_token_id=pad_id, max_length=self.max_length)
         self.mean, self.std = 0.0, 1.0
         if normalize:

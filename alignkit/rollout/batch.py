@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.config import ConfigError
 from alignkit.data import attention_mask_from_lengths, pad
 
 
@@ -83,7 +84,7 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     if not ids:
-        raise ValueError("neither the tokenizer nor the model defines an eos token, so responses cannot end; "
+        raise ConfigError("neither the tokenizer nor the model defines an eos token, so responses cannot end; "
                          "set tokenizer.eos_token (e.g. the chat template's end-of-turn token).")
     return ids
 

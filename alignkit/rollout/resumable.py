@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from alignkit.config import ConfigError
+from alignkit.errors import TrainingError
 from alignkit.rollout.batch import Rollout
 from alignkit.training.batches import derived_seed
 
@@ -67,7 +68,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], bool]:
         except json.JSONDecodeError as e:
             if i == len(lines) and not tail:  # the last line of the file, cut right before its newline
                 return records, True
-            raise RuntimeError(f"{path} line {i} is not valid JSON ({e}); the file was edited or damaged. Fix or "
+            raise TrainingError(f"{path} line {i} is not valid JSON ({e}); the file was edited or damaged. Fix or "
                                "delete it (with its .progress.jsonl), or set training.overwrite_output_dir=true "
                                "to start sampling over.") from e
     return records, bool(tail)
@@ -144,7 +145,7 @@ class SampleLog:
         kept = [r for r in rows if r.get("prompt_id") in done]
         expected = sum(e["rows"] for e in entries)
         if len(kept) != expected:
-            raise RuntimeError(f"{self.path} holds {len(kept)} rows of committed batches but {self.progress.name} "
+            raise TrainingError(f"{self.path} holds {len(kept)} rows of committed batches but {self.progress.name} "
                                f"records {expected}; the file was edited. Set training.overwrite_output_dir=true to "
                                "start sampling over.")
         if partial_row or len(kept) != len(rows) or not self.path.exists():

@@ -59,6 +59,14 @@ def setup_accelerator(t: TrainingConfig):
 
     mixed_precision = resolve_mixed_precision(t.mixed_precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.deepspeed and "RANK" not in os.environ:
+        # DeepSpeed needs a process group even for one process: make this process a group of one
+        from alignkit.launch import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        if not torch.cuda.is_available():
+            PartialState(cpu=True, backend="gloo")
     cpu_multi = world > 1 and not torch.cuda.is_available()
     if cpu_multi:
         # CPU processes: without cpu=True accelerate reports DistributedType.NO and nothing is synced;

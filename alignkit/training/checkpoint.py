@@ -18,11 +18,14 @@ Nothing in a checkpoint can run code when it is loaded (a shared checkpoint is u
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,15 +84,166 @@ def check_output_dir(t: TrainingConfig) -> Path | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------------
+# One run per output folder
+# --------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".alignkit.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def acquire_run_lock(output_dir: str | Path) -> Path:
+    """Take ``output_dir``'s run lock (pid, host, start time) for this process, or raise naming the holder.
+
+    A lock left by a dead process on this host is taken over with a warning; one this process already
+    holds (an earlier run in it that raised) is taken over silently.
+    """
+    import socket
+    import time
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            same_host = host == me["host"]
+            if same_host and pid == me["pid"]:
+                lock.unlink(missing_ok=True)
+                continue
+            if same_host and isinstance(pid, int) and not _alive(pid):
+                logger.warning(f"{lock}: taking over the lock of pid {pid} (started {holder.get('started')}), which "
+                               "is no longer running.")
+                lock.unlink(missing_ok=True)
+                continue
+            raise TrainingError(
+                f"training.output_dir={out} is in use by another run (pid {pid} on host {host}, started "
+                f"{holder.get('started')}); two runs there would overwrite each other. Wait for it to end or use "
+                f"another output_dir (if that run is gone, delete {lock}).") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise TrainingError(f"{lock}: could not take the run lock; delete it if no run is using {out}.")
+
+
+def release_run_lock(output_dir: str | Path) -> None:
+    """Remove ``output_dir``'s run lock if this process holds it."""
+    lock = Path(output_dir) / LOCK_FILE
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def lock_output_dir(accelerator, output_dir: str | Path) -> None:
+    """The main process takes the run lock; every process raises the same error when it cannot."""
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            acquire_run_lock(output_dir)
+        except TrainingError as e:
+            error = [str(e)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(error, from_process=0)
+    if error[0]:
+        raise TrainingError(error[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume: what may change
+# --------------------------------------------------------------------------------------------------
+
+# Settings a resumed run may change: when and where it logs, evaluates and saves, how long it runs, and
+# speed-only knobs. Everything else decides what the run computes (model, data, batch geometry, optimizer,
+# schedule, method), so a resume with it changed would silently mix two runs.
+RESUMABLE_TRAINING = {"output_dir", "overwrite_output_dir", "resume", "max_steps", "num_epochs", "logging_steps",
+                      "eval_steps", "save_steps", "save_total_limit", "report_to", "wandb_project", "run_name",
+                      "max_nonfinite_updates", "dataloader_num_workers", "zero_offload"}
+RESUMABLE_METHOD = {"log_samples", "eval_before", "eval_kl_to_teacher", "generation.batch_size",
+                    "generation.zero3_gather", "generation.vllm_gpu_memory_utilization", "reward.model_batch_size",
+                    "reward.url_timeout", "reward.url_retries"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "columns":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: RunConfig) -> list[str]:
+    """``key: old -> new`` for each setting that differs and may not change on resume."""
+    old, new = _flatten(saved), _flatten(current.to_dict())
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        section, _, rest = key.partition(".")
+        if (section == "training" and rest in RESUMABLE_TRAINING) or (section == current.method and rest in
+                                                                         RESUMABLE_METHOD):
+            continue
+        if key == "data.eval" or key.startswith("data.eval."):  # held-out rows do not change training
+            continue
+        changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def check_resume_config(checkpoint: Path, cfg: RunConfig) -> None:
+    """Refuse to resume ``checkpoint`` with settings that would change what the run computes."""
+    import yaml
+
+    saved_file = checkpoint / CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    changes = config_changes(yaml.safe_load(saved_file.read_text()) or {}, cfg)
+    if changes:
+        raise TrainingError(
+            f"cannot resume {checkpoint} with a changed config ({'; '.join(changes)}): these settings decide what "
+            "the run computes, and a resumed run must continue the same one. Restore them (only the training "
+            "length, logging, eval and save cadence may change), or start a new run from the checkpoint's "
+            f"weights: model.name_or_path={checkpoint} with another training.output_dir.")
+
+
 def prepare_output_dir(accelerator, cfg: RunConfig) -> Path | None:
-    """The start of every run: decide where to resume from (refusing to overwrite a run) on every process,
-    then write the run config. Returns the checkpoint to resume from, or None."""
-    resume_from = check_output_dir(cfg.training)  # before anything is written
+    """The start of every run: take the output folder's run lock, decide where to resume from (refusing to
+    overwrite a run or to resume with changed settings), then write the run config. Returns the checkpoint
+    to resume from, or None."""
+    lock_output_dir(accelerator, cfg.training.output_dir)
+    try:
+        resume_from = check_output_dir(cfg.training)  # before anything is written
+        if resume_from is not None:
+            check_resume_config(resume_from, cfg)
+    except TrainingError:
+        if accelerator.is_main_process:
+            release_run_lock(cfg.training.output_dir)
+        raise
     accelerator.wait_for_everyone()  # every process has checked before the main one writes
     out = Path(cfg.training.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / CONFIG_FILE)
+        cfg.save(out / CONFIG_FILE)  # the settings this run applies (a resumed run's allowed changes included)
     return resume_from
 
 
@@ -236,6 +390,29 @@ def load_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *
 # --------------------------------------------------------------------------------------------------
 
 
+def _is_no_space(e: BaseException) -> bool:
+    # torch's zip writer reports a full disk as a RuntimeError ("enforce fail at inline_container.cc")
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text or (
+        isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter failed" in text))
+
+
+@contextlib.contextmanager
+def no_space_error(partial: Path, doing: str) -> Iterator[None]:
+    """A full disk inside the block: remove the partial folder (it holds the space) and raise one clear line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not _is_no_space(e):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = list_checkpoints(partial.parent)
+        last = f"the last good checkpoint is {kept[-1]}" if kept else "no complete checkpoint was written before"
+        raise TrainingError(
+            f"no space left on {partial.parent} while {doing}; removed the partial {partial.name} and {last}. Free "
+            "space, lower training.save_total_limit, or point training.output_dir at a larger disk.") from None
+
+
 class Checkpointer:
     """Atomic checkpoints: write ``.tmp-checkpoint-N``, then rename to ``checkpoint-N``.
 
@@ -270,13 +447,15 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        self.save_model(tmp)
-        save_trainer_state(acc, self.model, self.optimizer, self.scheduler, tmp / TRAINER_STATE,
-                           trainable_only=self.trainable_only)
+        with no_space_error(tmp, f"writing {final.name}"):
+            self.save_model(tmp)
+            save_trainer_state(acc, self.model, self.optimizer, self.scheduler, tmp / TRAINER_STATE,
+                               trainable_only=self.trainable_only)
+            if acc.is_main_process:
+                method_state = self.method_state.state_dict() if self.method_state is not None else {}
+                payload = {"train_state": asdict(state), "method_state": method_state}
+                (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1))
         if acc.is_main_process:
-            method_state = self.method_state.state_dict() if self.method_state is not None else {}
-            payload = {"train_state": asdict(state), "method_state": method_state}
-            (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -29,7 +29,13 @@ from alignkit.config import RunConfig
 from alignkit.errors import TrainingError
 from alignkit.training.accelerator import any_process, is_deepspeed, reduce_sum
 from alignkit.training.batches import BatchStream, eval_batches, to_device
-from alignkit.training.checkpoint import Checkpointer, TrainState, list_checkpoints, prepare_output_dir
+from alignkit.training.checkpoint import (
+    Checkpointer,
+    TrainState,
+    list_checkpoints,
+    prepare_output_dir,
+    release_run_lock,
+)
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.tracking import Tracker
 
@@ -171,6 +177,7 @@ class Run:
         self.tracker.close()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            release_run_lock(self.output_dir)
             logger.info(f"saved the trained model to {self.output_dir}")
 
     def summary(self, **extra: Any) -> dict[str, Any]:

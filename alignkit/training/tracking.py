@@ -25,6 +25,29 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
+def cut_jsonl(path: Path, max_step: int) -> int:
+    """Drop the records of ``path`` logged after ``max_step`` (a resumed run logs those steps again); returns
+    how many were dropped. A partial last line (a crash while writing) goes too."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > max_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 class Tracker:
     """Fans metrics out to the progress bar and the loggers named in ``training.report_to``."""
 
@@ -42,13 +65,19 @@ class Tracker:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if initial_step > 0:  # resumed: the steps after the checkpoint are logged again
+            dropped = cut_jsonl(out / "metrics.jsonl", initial_step)
+            if dropped:
+                logger.info(f"resume: dropped {dropped} metrics.jsonl record(s) logged after step {initial_step}")
         if "jsonl" in report_to:
             self.jsonl = open(out / "metrics.jsonl", "a")  # append: a resumed run continues the file
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+                # purge_step: TensorBoard hides the events a crashed run logged after the checkpoint
+                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"),
+                                        purge_step=initial_step + 1 if initial_step > 0 else None)
             except ImportError:
                 logger.warning("tensorboard is not installed; `pip install tensorboard` to log there.")
         if "wandb" in report_to:
