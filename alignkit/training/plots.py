@@ -495,10 +495,10 @@ def plot_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="alignkit plot", description="PNG plots of the training curves of one or more runs, overlaid.")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a training output_dir")
-    parser.add_argument("--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots for one run, "
-                                                 "./plots for several)")
-    parser.add_argument("--names", help="comma-separated legend names, one per RUN_DIR (default: the folder "
-                                        "names)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots "
+                                                                "for one run, ./plots for several)")
+    parser.add_argument("--names", metavar="A,B", help="legend names, one per RUN_DIR (default: the folder "
+                                                       "names)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     out = args.out or (args.run_dirs[0] / PLOTS_DIR if len(args.run_dirs) == 1 else Path(PLOTS_DIR))
