@@ -5,6 +5,7 @@
     alignkit assets list | fetch NAME   the offline cache of real models and data
     alignkit merge ADAPTER_DIR OUT_DIR  merge a LoRA adapter into its base model
     alignkit convert state-dict|megatron ...  raw state dicts / Megatron checkpoints -> HF folders
+    alignkit plot RUN_DIR [RUN_DIR ...]  PNG training curves, several runs overlaid
 
 Every expected error (:class:`alignkit.errors.AlignkitError`) is one line on stderr, printed once (rank 0,
 or the launcher for the processes it started), and the exit code is 2; ``--debug`` (or
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert raw state dicts or Megatron checkpoints into HF folders",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("plot", help="PNG plots of the training curves of one or more runs, overlaid",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("adapter_dir")
     p.add_argument("output_dir")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ["ALIGNKIT_DEBUG"] = "1"  # the processes a launch starts inherit it
     argv = [a for a in argv if a != "--debug"]
-    if argv[:1] in (["convert"], ["assets"]):  # their own parsers (--help included) take the rest
+    if argv[:1] in (["convert"], ["assets"], ["plot"]):  # their own parsers (--help included) take the rest
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)
@@ -126,6 +130,10 @@ def _run(args, argv: list[str]) -> int:
         from alignkit.convert import convert_main
 
         return convert_main(args.rest)
+    if args.command == "plot":
+        from alignkit.training.plots import plot_main
+
+        return plot_main(args.rest)
     if args.command == "merge":
         from alignkit.models import merge_lora
 

@@ -123,7 +123,8 @@ class TrainingConfig:
     eval_steps: int = opt(0, "Evaluate every N updates (0: only at the end, when there is eval data).")
     save_steps: int = opt(0, "Write a checkpoint every N updates (online RL: rollout steps; 0: none until the end).")
     save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints.")
-    report_to: list[str] = opt(factory=lambda: ["jsonl", "tensorboard"], doc="Loggers: jsonl, tensorboard, wandb.")
+    report_to: list[str] = opt(factory=lambda: ["jsonl", "tensorboard", "plots"],
+                               doc="Loggers: jsonl, tensorboard, wandb, plots (PNG curves in output_dir/plots at the end).")
     wandb_project: str | None = opt(None, "W&B project (when report_to has wandb).")
     run_name: str | None = opt(None, "Run name for loggers (default: output_dir's name).")
     max_nonfinite_updates: int = opt(3, "Stop after this many consecutive updates with a NaN/Inf loss or gradient.")
@@ -136,7 +137,7 @@ class TrainingConfig:
         check_choice("training.lr_scheduler", self.lr_scheduler, ["cosine", "linear", "constant"])
         check_choice("training.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
         for name in self.report_to:
-            check_choice("training.report_to", name, ["jsonl", "tensorboard", "wandb"])
+            check_choice("training.report_to", name, ["jsonl", "tensorboard", "wandb", "plots"])
         if self.deepspeed and self.deepspeed not in ("zero1", "zero2", "zero3") and not Path(self.deepspeed).is_file():
             raise ConfigError(
                 f"training.deepspeed={self.deepspeed!r}: use zero1, zero2, zero3 or the path of a DeepSpeed JSON file."

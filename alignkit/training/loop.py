@@ -177,6 +177,10 @@ class Run:
         self.tracker.close()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            if "plots" in self.cfg.training.report_to:
+                from alignkit.training.plots import plot_run
+
+                plot_run(self.output_dir)  # output_dir/plots/*.png; never raises
             release_run_lock(self.output_dir)
             logger.info(f"saved the trained model to {self.output_dir}")
 
