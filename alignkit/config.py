@@ -73,13 +73,16 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
-    path: str = opt(doc="JSON/JSONL/Parquet/CSV file, a folder saved by `datasets`, a hub dataset name, or a named asset.")
+    path: str = opt(doc="JSON/JSONL/Parquet/CSV file (optionally .gz), a folder saved by `datasets`, a hub dataset "
+                        "name, a named asset, or a LLaMA-Factory registry entry: data/dataset_info.json#name.")
     split: str = opt("train", "Split to read (hub datasets and DatasetDict folders).")
     subset: str | None = opt(None, "Hub dataset configuration name.")
     ratio: float = opt(1.0, "Mixing weight: rows drawn from this source = ratio * its size (ratio > 1 repeats rows).")
     columns: dict[str, str] = opt(factory=dict, doc="Rename columns to the expected names, e.g. {question: prompt, answer: completion}.")
     limit: int | None = opt(None, "Read at most this many rows (before mixing).")
-    format: str = opt("auto", "Record format: auto, messages, prompt_completion, preference, unpaired, alpaca, sharegpt, text.")
+    format: str = opt("auto", "Record format: auto, messages, messages_label, prompt_completion, prompt, preference, "
+                              "unpaired, alpaca, alpaca_preference, alpaca_label, sharegpt, sharegpt_preference, "
+                              "sharegpt_label, text.")
 
 
 @dataclass
