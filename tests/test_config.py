@@ -36,7 +36,7 @@ def test_bare_string_source_and_scientific_notation_string():
     ({"trainig": {}}, "'trainig' (did you mean 'training'?)"),
     ({"model": {"finetune": "lora2"}}, "did you mean 'lora'?"),
     ({"training": {"max_steps": "ten"}}, "training.max_steps must be an integer"),
-    ({"training": {"per_device_batch_size": 0}}, "per_device_batch_size must be >= 1"),
+    ({"training": {"per_device_batch_size": 0}}, "training.per_device_batch_size=0: must be >= 1"),
     ({"sft": {"pakcing": True}}, "did you mean 'packing'?"),
     ({"training": {"deepspeed": "zero4"}}, "zero1, zero2, zero3"),
     ({"data": {"train": [{"ratio": 2}]}}, "missing required key(s) path"),
