@@ -118,12 +118,14 @@ def test_rloo_with_qlora_under_zero3_trains(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(_WORDS) for _ in range(4))}) + "\n"
                                for _ in range(32)))
+    reward = tmp_path / "length.py"  # varies between samples, so the advantages are not all zero
+    reward.write_text("def length(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
     cfg = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32", "finetune": "qlora"},
            "data": {"train": [str(prompts)], "max_length": 32},
            "training": {"output_dir": str(tmp_path / "rloo"), "max_steps": 3, "learning_rate": 1e-2,
                         "per_device_batch_size": 4, "report_to": ["jsonl"], "mixed_precision": "no"},
            "rloo": {"generation": {"num_samples": 2, "max_new_tokens": 6},
-                    "reward": {"functions": ["alignkit.rewards:target_token_share"]}, "rollout_batch_size": 2}}
+                    "reward": {"functions": [f"{reward}:length"]}, "rollout_batch_size": 2}}
     path = tmp_path / "rloo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     _run(["train", "rloo", str(path), "--num-processes", "2", "--deepspeed", "zero3"], tmp_path)
