@@ -351,3 +351,155 @@ def padded_batch(seqs: list[list[int]], labels: list[list[int]], pad_token_id: i
     return {"input_ids": input_ids,
             "attention_mask": attention_mask_from_lengths([len(s) for s in seqs], input_ids.shape[1]),
             "labels": pad(labels, IGNORE_INDEX)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches for log-prob forwards: padded, packed (padding-free), shared prompt
+# --------------------------------------------------------------------------------------------------
+#
+# Every builder below returns the model inputs and where the log-probs are read:
+#
+# - ``target_positions`` [N]: flat index into the ``[rows, width]`` grid of the position whose logits
+#   predict a target token, ``target_ids`` [N] that token, ``target_sequences`` [N] the sequence it
+#   belongs to (the order of the ``sequences`` argument); ``sequence_tokens`` [S] targets per sequence;
+# - ``last_positions`` [S]: flat index of each sequence's last token (where a sequence classifier reads
+#   its score); ``n_tokens``: real (non-pad) tokens in the batch.
+
+
+def _targets(labels: list[int], offset: int) -> list[tuple[int, int]]:
+    """(predicting position, target id) of each labelled token of one sequence placed at ``offset``."""
+    return [(offset + t - 1, y) for t, y in enumerate(labels) if t > 0 and y != IGNORE_INDEX]
+
+
+def _finish(input_ids: torch.Tensor, targets: list[tuple[int, int, int]], last: list[int], n_sequences: int,
+            n_tokens: int) -> dict[str, torch.Tensor]:
+    positions, ids, seqs = zip(*targets) if targets else ((), (), ())
+    return {"input_ids": input_ids,
+            "target_positions": torch.tensor(positions, dtype=torch.long),
+            "target_ids": torch.tensor(ids, dtype=torch.long),
+            "target_sequences": torch.tensor(seqs, dtype=torch.long),
+            "sequence_tokens": torch.bincount(torch.tensor(seqs, dtype=torch.long), minlength=n_sequences),
+            "last_positions": torch.tensor(last, dtype=torch.long),
+            "n_tokens": torch.tensor(n_tokens)}
+
+
+def padded_sequences(seqs: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """:func:`padded_batch` (one right-padded row per sequence) plus the target and last-token indices."""
+    batch = padded_batch(seqs, labels, pad_token_id)
+    width = batch["input_ids"].shape[1]
+    targets = [(i * width + p, y, i) for i, lab in enumerate(labels) for p, y in _targets(lab, 0)]
+    last = [i * width + len(s) - 1 for i, s in enumerate(seqs)]
+    return {**batch, **_finish(batch["input_ids"], targets, last, len(seqs), sum(len(s) for s in seqs))}
+
+
+def _bins(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: indices grouped into bins of at most ``width`` tokens (deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        k = next((b for b, free in enumerate(space) if free >= lengths[i]), None)
+        if k is None:
+            bins.append([i])
+            space.append(width - lengths[i])
+        else:
+            bins[k].append(i)
+            space[k] -= lengths[i]
+    return bins
+
+
+def packed_sequences(seqs: list[list[int]], labels: list[list[int]], pad_token_id: int, *,
+                     row_width: int | None = None, position_ids: list[list[int]] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Sequences packed end to end, no attention mask: ``position_ids`` restart at 0 per sequence, so
+    transformers' packed-sequence masking (SDPA/eager) and FlashAttention's varlen kernels keep attention
+    within each sequence; no pad token is computed except at the end of the shorter rows.
+
+    ``row_width``: most tokens per row (default: the longest sequence, so no row is wider than a padded
+    batch; with dense attention masks the cost of a row grows with its width squared). Pass the total token
+    count for one row (varlen kernels). ``position_ids``: the sequences' own positions (rows of
+    :func:`pack_sft` restart inside), default ``range(len)``. ``labels`` of the packed rows carry
+    IGNORE_INDEX at each sequence's first token, so a shifted loss over them never crosses sequences.
+    """
+    lengths = [len(s) for s in seqs]
+    if any(n == 0 for n in lengths):
+        raise ValueError("packed_sequences: empty sequence")
+    width = max(row_width or 0, max(lengths))
+    rows = _bins(lengths, width)
+    row_len = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), row_len), pad_token_id, dtype=torch.long)
+    packed_labels = torch.full((len(rows), row_len), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), row_len), dtype=torch.long)
+    targets, last = [], [0] * len(seqs)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[r, at:at + n] = torch.as_tensor(seqs[i])
+            packed_labels[r, at + 1:at + n] = torch.as_tensor(labels[i][1:])
+            pos = position_ids[i] if position_ids is not None else range(n)
+            positions[r, at:at + n] = torch.as_tensor(pos)
+            targets += [(r * row_len + p, y, i) for p, y in _targets(labels[i], at)]
+            last[i] = r * row_len + at + n - 1
+            at += n
+        # padding continues the last sequence's positions: it attends causally to it, nothing attends to it
+        positions[r, at:] = torch.arange(int(positions[r, at - 1]) + 1, int(positions[r, at - 1]) + 1 + row_len - at)
+    targets.sort()
+    out = _finish(input_ids, targets, last, len(seqs), sum(lengths))
+    out.update(position_ids=positions, labels=packed_labels)
+    return out
+
+
+def shared_prompt_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_token_id: int, *,
+                        row_width: int | None = None) -> dict[str, torch.Tensor]:
+    """Preference pairs as ``[prompt | chosen | rejected]`` segments: the prompt is computed once per pair.
+
+    A 4D boolean attention mask (``[rows, 1, width, width]``, True = attend) lets chosen tokens attend to
+    the prompt and to earlier chosen tokens, rejected tokens to the prompt and to earlier rejected tokens
+    (never to chosen ones); the rejected positions continue from the prompt, as if it came right after it.
+    So every chosen/rejected log-prob equals the one of the unshared ``prompt + completion`` row. Sequences:
+    the B chosen completions, then the B rejected ones. Segments are packed into rows of at most
+    ``row_width`` tokens (default: the longest segment); padding attends only to itself.
+    """
+    B = len(pairs)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in pairs]
+    width = max(row_width or 0, max(lengths))
+    rows = _bins(lengths, width)
+    row_len = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), row_len), pad_token_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), row_len), dtype=torch.long)
+    mask = torch.eye(row_len, dtype=torch.bool).repeat(len(rows), 1, 1)
+    targets, last = [], [0] * (2 * B)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            prompt, chosen, rejected = pairs[i]
+            P, C, n = len(prompt), len(chosen), lengths[i]
+            input_ids[r, at:at + n] = torch.as_tensor(prompt + chosen + rejected)
+            positions[r, at:at + P + C] = torch.arange(P + C)
+            positions[r, at + P + C:at + n] = torch.arange(P, n - C)
+            block = torch.ones(n, n, dtype=torch.bool).tril()
+            block[P + C:, P:P + C] = False  # rejected never sees chosen
+            mask[r, at:at + n, at:at + n] = block
+            chosen_labels = [IGNORE_INDEX] * P + chosen
+            targets += [(r * row_len + p, y, i) for p, y in _targets(chosen_labels, at)]
+            # the first rejected token is predicted by the last prompt token (none without a prompt), the
+            # next ones by the rejected token before them
+            rejected_at = [at + P - 1] + list(range(at + P + C, at + n - 1))
+            targets += [(r * row_len + p, y, B + i) for j, (p, y) in enumerate(zip(rejected_at, rejected))
+                        if j > 0 or P > 0]
+            last[i] = r * row_len + at + P + C - 1
+            last[B + i] = r * row_len + at + n - 1 if rejected else r * row_len + at + P - 1
+            at += n
+    targets.sort()
+    out = _finish(input_ids, targets, last, 2 * B, sum(lengths))
+    out.update(position_ids=positions, attention_mask=mask.unsqueeze(1))
+    return out
+
+
+def packed_shape(lengths: list[int], row_width: int | None = None) -> tuple[int, int]:
+    """(rows, width) of the batch :func:`packed_sequences` / :func:`shared_prompt_pairs` build from
+    sequences (or segments) of these lengths."""
+    width = max(row_width or 0, max(lengths))
+    rows = _bins(lengths, width)
+    return len(rows), max(sum(lengths[i] for i in row) for row in rows)

@@ -20,6 +20,11 @@ from torch.autograd.function import once_differentiable
 _CHUNK_ELEMENTS = 2**25
 
 
+def default_chunk_rows(vocab: int) -> int:
+    """Rows of ``vocab`` float32 logits that fill about 128 MiB (one chunk of the chunked functions)."""
+    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float16/bfloat16 logsumexp loses most of its digits; float64 stays float64 (tests, gradcheck).
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -190,3 +195,189 @@ def sequence_logps(
     mask = targets != ignore_index
     per_token = token_logps(logits[:, :-1], targets, mask=mask, chunk_rows=chunk_rows)
     return per_token.sum(-1), mask.sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probs straight from hidden states: the LM head and the log-softmax gather, chunk by chunk
+# --------------------------------------------------------------------------------------------------
+
+
+class _LinearLogps(torch.autograd.Function):
+    """``log softmax(scale * (h W^T + b))[target]`` (and the entropy) for ``N`` hidden states, chunked over N.
+
+    Forward keeps hidden states, weight and the per-row log-sum-exp; no ``[N, V]`` tensor survives a chunk.
+    Backward rebuilds each chunk's logits and applies, with ``p = softmax(z)`` and ``z = scale * logits``:
+
+        d logp / dz = onehot(target) - p            d H / dz = -p * (log p + H)
+
+    When the weight and bias need no gradient (a frozen LM head, e.g. LoRA), the hidden-state gradient
+    directions ``(onehot - p) W`` and ``-(p (log p + H)) W`` are computed in the forward pass instead, and
+    backward only scales them: no logits are rebuilt.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, chunk_rows, matmul_dtype, want_entropy, entropy_grad,
+                grad_hidden_in_forward):
+        compute = _compute_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        w = weight.to(matmul_dtype)
+        b = None if bias is None else bias.to(compute)
+        logps = torch.empty(n, dtype=compute, device=hidden.device)
+        entropy = torch.zeros(n, dtype=compute, device=hidden.device)
+        mean_logits = torch.empty(n, dtype=compute, device=hidden.device)
+        row_max, log_sum = torch.empty_like(logps), torch.empty_like(logps)
+        direction = torch.empty((n, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device) \
+            if grad_hidden_in_forward else None
+        entropy_direction = torch.empty_like(direction) if grad_hidden_in_forward and entropy_grad else None
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = _chunk_logits(hidden[rows], w, b, compute)
+            mean_logits[rows] = z.mean(-1)
+            if scale != 1.0:
+                z.mul_(scale)
+            # log p = (z - max) - log sum exp(z - max), kept apart as in selective_log_softmax
+            chunk_max = z.amax(dim=-1)
+            row_max[rows] = chunk_max
+            log_p = z.sub_(chunk_max.unsqueeze(-1))
+            chunk_log_sum = torch.exp(log_p).sum(-1).log()
+            log_sum[rows] = chunk_log_sum
+            index = targets[rows].unsqueeze(-1)
+            logps[rows] = log_p.gather(-1, index).squeeze(-1) - chunk_log_sum
+            if want_entropy or direction is not None:
+                log_p.sub_(chunk_log_sum.unsqueeze(-1))
+                p = log_p.exp()
+                if want_entropy:
+                    entropy[rows] = -(p * log_p).sum(-1)
+                if entropy_direction is not None:
+                    ent_grad = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(p).neg_()
+                    entropy_direction[rows] = (ent_grad.to(matmul_dtype) @ w).to(hidden.dtype)
+                if direction is not None:
+                    grad = p.neg_().scatter_add_(-1, index, torch.ones_like(index, dtype=p.dtype))
+                    direction[rows] = (grad.to(matmul_dtype) @ w).to(hidden.dtype)
+        if direction is not None:
+            ctx.save_for_backward(direction, entropy_direction)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
+        ctx.scale, ctx.chunk_rows, ctx.matmul_dtype = scale, chunk_rows, matmul_dtype
+        ctx.grad_hidden_in_forward, ctx.entropy_grad = grad_hidden_in_forward, entropy_grad
+        ctx.mark_non_differentiable(mean_logits)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)
+        return logps, entropy, mean_logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps, grad_entropy, _grad_mean):
+        scale = ctx.scale
+        if not ctx.entropy_grad:
+            grad_entropy = None
+        if ctx.grad_hidden_in_forward:
+            direction, entropy_direction = ctx.saved_tensors
+            grad_hidden = torch.zeros_like(direction)
+            if grad_logps is not None:
+                grad_hidden += direction * (grad_logps * scale).to(direction.dtype).unsqueeze(-1)
+            if grad_entropy is not None:
+                grad_hidden += entropy_direction * (grad_entropy * scale).to(direction.dtype).unsqueeze(-1)
+            return grad_hidden, None, None, None, None, None, None, None, None, None
+        hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        mm, compute = ctx.matmul_dtype, row_max.dtype
+        w = weight.to(mm)
+        b = None if bias is None else bias.to(compute)
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(row_max)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=compute, device=weight.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            h = hidden[rows].to(mm)
+            z = _chunk_logits(h, w, b, compute)
+            if scale != 1.0:
+                z.mul_(scale)
+            log_p = z.sub_(row_max[rows].unsqueeze(-1)).sub_(log_sum[rows].unsqueeze(-1))
+            p = log_p.exp()
+            g = grad_logps[rows].to(compute).unsqueeze(-1)
+            if grad_entropy is not None:
+                ge = grad_entropy[rows].to(compute).unsqueeze(-1)
+                # dL/dz = g (onehot - p) - ge p (log p + H), built in the log_p buffer
+                grad_z = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(ge).add_(g).mul_(p).neg_()
+            else:
+                grad_z = p.mul_(-g)
+            grad_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
+            if scale != 1.0:
+                grad_z.mul_(scale)
+            grad_mm = grad_z.to(mm)
+            if need_hidden:
+                grad_hidden[rows] = (grad_mm @ w).to(hidden.dtype)
+            if need_weight:
+                if mm == compute:
+                    grad_weight.addmm_(grad_mm.t(), h)
+                else:
+                    grad_weight += (grad_mm.t() @ h).to(compute)
+            if need_bias:
+                grad_bias += grad_z.sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  compute: torch.dtype) -> torch.Tensor:
+    """A chunk's logits in the compute dtype (a fresh tensor, safe to modify in place)."""
+    z = (hidden.to(weight.dtype) @ weight.t()).to(compute)
+    if bias is not None:
+        z += bias
+    return z
+
+
+def linear_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    entropy: bool = False,
+    entropy_grad: bool = True,
+    chunk_rows: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probs of ``targets`` under an LM head ``logits = hidden @ weight.T + bias``, without ``[N, V]`` logits.
+
+    Equal (values and gradients w.r.t. ``hidden``, ``weight`` and ``bias``) to::
+
+        z = scale * F.linear(hidden, weight, bias)
+        logps = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+
+    but only one ``[chunk_rows, V]`` block of logits exists at a time, in the forward pass and in the backward
+    pass (which recomputes each block's logits from the saved hidden states). ``scale`` is ``1 / temperature``.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states, each the one that predicts ``targets[i]``.
+        weight: ``[V, H]`` LM-head weight (a tied embedding matrix is fine); ``bias``: ``[V]`` or None.
+        targets: ``[N]`` token ids.
+        entropy: also return each row's entropy; ``entropy_grad``: with its gradient (else detached).
+        chunk_rows: rows per chunk; default about 128 MiB of float32 logits.
+        matmul_dtype: dtype of the matmuls (e.g. the autocast dtype); default the weight's dtype.
+
+    Returns:
+        ``(logps [N], entropy [N] or None, mean_logits [N])``, float32 (float64 for float64 inputs);
+        ``mean_logits`` (the mean over the vocabulary of the unscaled logits) carries no gradient.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"linear_logps: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and targets "
+                         f"{tuple(targets.shape)} must be [N, H], [V, H] and [N].")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(weight.shape[0])
+    matmul_dtype = matmul_dtype or weight.dtype
+    head_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    grad_hidden_in_forward = torch.is_grad_enabled() and hidden.requires_grad and not head_grad
+    logps, ent, mean_logits = _LinearLogps.apply(hidden, weight, bias, targets.long(), float(scale), chunk_rows,
+                                                 matmul_dtype, entropy, entropy and entropy_grad,
+                                                 grad_hidden_in_forward)
+    return logps, (ent if entropy else None), mean_logits

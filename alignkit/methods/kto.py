@@ -7,11 +7,13 @@ Recipe: accelerator → tokenizer → data (kind "unpaired") → policy (full / 
 
 Per micro-batch of B rows ``(x_i, y_i, label_i)``:
 
-1. ``collate`` builds the B rows ``x_i + y_i`` and B mismatched rows ``x_i + y_{i-1}`` (completions shifted
-   by one within the batch, as in the paper and TRL), all right-padded to one length.
+1. ``collate`` builds the B sequences ``x_i + y_i`` and (keys ``kl.*``) the B mismatched sequences
+   ``x_i + y_{i-1}`` (completions shifted by one within the batch, as in the paper and TRL), each group laid
+   out by the run's :class:`~alignkit.forward.BatchLayout` (padding-free with ``kto.padding_free``).
 2. The reference point ``z0 = max(0, mean_i [log πθ(y_{i-1}|x_i) - log π_ref(y_{i-1}|x_i)])`` from the
-   mismatched rows (no grad), averaged over processes (``accelerator.reduce``) before use.
-3. One policy forward with grad over the B matched rows; the reference scores all 2B rows in one forward.
+   mismatched sequences (no grad), averaged over processes (``accelerator.reduce``) before use.
+3. One policy forward with grad over the B matched sequences; the reference scores both groups. Log-probs
+   come from the LM head run chunk by chunk at the completion positions only (``kto.chunked_logps``).
 4. ``kto_loss`` per row, weighted by ``desirable_weight`` / ``undesirable_weight``, summed; items are rows.
 """
 
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import ConfigError, RunConfig, opt
-from alignkit.data import IGNORE_INDEX, build_datasets, padded_batch
-from alignkit.forward import completion_logps
+from alignkit.data import IGNORE_INDEX, build_datasets
+from alignkit.forward import BatchLayout, batch_logps, choose_layout
 from alignkit.losses import kto_loss
 from alignkit.models import load_model, load_tokenizer
 from alignkit.reference import Reference, load_reference
@@ -42,6 +44,10 @@ class KTOConfig:
                                       "off (lora/qlora) or a frozen copy of model.name_or_path (full).")
     reference_point: bool = opt(True, "Estimate the KL reference point z0 from mismatched prompt/completion pairs "
                                       "(false: z0 = 0 and no forwards over mismatched pairs).")
+    padding_free: bool = opt(True, "Pack the sequences end to end (position ids restart per sequence) instead of "
+                                   "padding them; same log-probs, no pad tokens computed.")
+    chunked_logps: bool = opt(True, "Apply the LM head and log-softmax a chunk of positions at a time, recomputed "
+                                    "in backward: no [tokens x vocab] logits tensor. Same values and gradients.")
 
     def validate(self, run: RunConfig) -> None:
         if self.beta <= 0:
@@ -57,10 +63,12 @@ class KTOConfig:
             )
 
 
-def _trim(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
-    """Drop the padding columns that only other rows needed."""
-    width = int(mask.sum(-1).max())
-    return ids[:, :width], mask[:, :width], labels[:, :width]
+KL = "kl."  # key prefix of the mismatched sequences in a batch
+
+
+def kl_part(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mismatched (KL reference point) sequences of a collated batch, as a batch of their own."""
+    return {k[len(KL):]: v for k, v in batch.items() if k.startswith(KL)}
 
 
 class KTOMethod(OfflineMethod):
@@ -69,31 +77,42 @@ class KTOMethod(OfflineMethod):
     bar_metrics = ("rewards/accuracies", "rewards/margins")
 
     def __init__(self, args: KTOConfig, pad_token_id: int, max_length: int, *, reference: Reference,
-                 accelerator=None):
+                 accelerator=None, layout: BatchLayout | None = None):
         self.args, self.pad_token_id, self.max_length = args, pad_token_id, max_length
         self.accelerator, self.reference = accelerator, reference
+        self.layout = layout or BatchLayout()
+
+    def _sequences(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        return self.layout.sequences([p + c for p, c in pairs], [[IGNORE_INDEX] * len(p) + c for p, c in pairs],
+                                     self.pad_token_id)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         B = len(rows)
         pairs = [(list(r["prompt_ids"]), list(r["completion_ids"])) for r in rows]
+        batch = self._sequences(pairs)
         if self.args.reference_point:
             # mismatched pairs: prompt i with completion i-1; the prompt is cut from the left to fit max_length
+            mismatched = []
             for i in range(B):
                 prompt, completion = pairs[i][0], pairs[(i - 1) % B][1]
                 keep = max(0, min(len(prompt), self.max_length - len(completion)))
-                pairs.append((prompt[len(prompt) - keep:], completion))
-        seqs = [p + c for p, c in pairs]
-        labels = [[IGNORE_INDEX] * len(p) + c for p, c in pairs]
-        batch = padded_batch(seqs, labels, self.pad_token_id)
+                mismatched.append((prompt[len(prompt) - keep:], completion))
+            batch.update({KL + k: v for k, v in self._sequences(mismatched).items()})
         batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows])
         return batch
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["desirable"].shape[0])
 
-    def _reference_logps(self, model, ids, mask, labels) -> torch.Tensor:
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["n_tokens"]) + int(batch.get(KL + "n_tokens", 0))
+
+    def _logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return batch_logps(model, batch, chunked=self.args.chunked_logps)
+
+    def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.reference.applied(model) as ref, autocast(self.accelerator):
-            return completion_logps(ref, ids, mask, labels)[0]
+            return self._logps(ref, batch)[0]
 
     def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
         acc = self.accelerator
@@ -105,20 +124,21 @@ class KTOMethod(OfflineMethod):
         a = self.args
         B = self.count_items(batch)
         desirable = batch["desirable"]
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        ref = self._reference_logps(model, ids, mask, labels)  # all 2B rows in one forward
-        kl_local = torch.zeros((), device=ids.device)
+        device = batch["input_ids"].device
+        kl_local = torch.zeros((), device=device)
         if a.reference_point:
+            mismatched = kl_part(batch)
+            ref_kl = self._reference_logps(model, mismatched)
             with torch.no_grad():
-                policy_kl = completion_logps(model, *_trim(ids[B:], mask[B:], labels[B:]))[0]
-            kl_local = (policy_kl - ref[B:]).mean().detach().float()
+                policy_kl = self._logps(model, mismatched)[0]
+            kl_local = (policy_kl - ref_kl).mean().detach().float()
         # one all-reduce: this micro-step's KL estimate (averaged over processes) and class counts
-        n_desirable = desirable.sum().float().to(ids.device)
+        n_desirable = desirable.sum().float().to(device)
         reduced = self._sum_over_processes(torch.stack([kl_local, n_desirable, B - n_desirable]))
         world = self.accelerator.num_processes if self.accelerator is not None else 1
         kl, counts = reduced[0] / world, reduced[1:]
-        logps, _, mean_logits = completion_logps(model, *_trim(ids[:B], mask[:B], labels[:B]))
-        ref = ref[:B]
+        ref = self._reference_logps(model, batch)
+        logps, _, mean_logits = self._logps(model, batch)
         losses, r_chosen, r_rejected, z0 = kto_loss(
             logps[desirable], logps[~desirable], None, ref[desirable], ref[~desirable], None,
             beta=a.beta, desirable_weight=a.desirable_weight, undesirable_weight=a.undesirable_weight, kl=kl)
@@ -179,8 +199,9 @@ def run(cfg: RunConfig) -> dict:
                            "adjust kto.desirable_weight / kto.undesirable_weight.")
     model = load_model(cfg.model, tokenizer)  # the policy first: its LoRA init draws from the seeded RNG
     reference = load_reference(cfg, tokenizer, accelerator, model)
+    layout = choose_layout(model, padding_free=args.padding_free, accelerator=accelerator, what="kto batches")
     method = KTOMethod(args, tokenizer.pad_token_id, cfg.data.max_length, reference=reference,
-                       accelerator=accelerator)
+                       accelerator=accelerator, layout=layout)
     result = fit(accelerator, model, tokenizer, method, cfg, splits.train, splits.eval)
     result["data_stats"] = splits.stats
     return result

@@ -8,12 +8,15 @@ Recipe: accelerator → tokenizer → data (kind "preference") → policy (full 
 
 Per micro-batch of B pairs:
 
-1. ``collate``: 2B rows, ``prompt + chosen`` then ``prompt + rejected``, right-padded to one length;
-   labels are the completion tokens (prompt and padding are -100).
-2. One policy forward over the 2B rows that asks the LM head only for positions from the first completion
-   token on (``alignkit.forward.completion_logps``); ``log πθ(y|x)`` by gather (``selective_log_softmax``),
-   never a full-vocabulary log-softmax over the prompt.
-3. DPO only, ``log π_ref(y|x)``: precomputed in the rows, or the reference (:mod:`alignkit.reference`): a
+1. ``collate``: 2B sequences, ``prompt + chosen`` then ``prompt + rejected``, laid out by the run's
+   :class:`~alignkit.forward.BatchLayout`: padding-free rows (``<method>.padding_free``), and, where the
+   attention kernel takes a custom mask, ``[prompt | chosen | rejected]`` segments that compute each
+   prompt once (``<method>.shared_prompt``); right-padded rows otherwise. All give the same log-probs.
+2. One policy forward (``alignkit.forward.batch_logps``) in which only the positions that predict a
+   completion token reach the LM head, chunk by chunk (``<method>.chunked_logps``): no ``[tokens, vocab]``
+   logits, no log-softmax over the prompt.
+3. DPO only, ``log π_ref(y|x)``: precomputed in the rows (``dpo.precompute_ref_logps``; ``auto`` does it
+   when the run visits every training row at least once), or the reference (:mod:`alignkit.reference`): a
    frozen model (``dpo.ref_model``, else a frozen copy of ``model.name_or_path``), or, for LoRA/QLoRA, the
    policy with its adapter off.
 4. The loss summed over pairs and metric sums over pairs (the training loop divides by the global pair
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import ConfigError, RunConfig, check_choice, opt
-from alignkit.data import IGNORE_INDEX, build_datasets, padded_batch
-from alignkit.forward import completion_logps
+from alignkit.data import build_datasets
+from alignkit.forward import BatchLayout, batch_logps, choose_layout
 from alignkit.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from alignkit.models import load_model, load_tokenizer
 from alignkit.reference import Reference, load_reference
 from alignkit.training import OfflineMethod, autocast, fit, setup_accelerator, zero_stage
+from alignkit.training.loop import total_updates
 
 logger = logging.getLogger("alignkit")
 
@@ -54,10 +58,19 @@ class PreferenceConfig:
 
     beta: float = opt(0.1, "β: scale of the implicit reward β·log π(y|x) (DPO: a higher β keeps the policy closer "
                            "to the reference).")
+    padding_free: bool = opt(True, "Pack the chosen/rejected sequences end to end (position ids restart per "
+                                   "sequence) instead of padding them; same log-probs, no pad tokens computed.")
+    shared_prompt: bool | str = opt("auto", "Compute each prompt once for chosen and rejected (one segment, custom "
+                                            "attention mask; sdpa/eager only). auto: per batch, when estimated "
+                                            "cheaper; true: always; false: never.")
+    chunked_logps: bool = opt(True, "Apply the LM head and log-softmax a chunk of positions at a time, recomputed "
+                                    "in backward: no [tokens x vocab] logits tensor. Same values and gradients.")
 
     def validate(self, run: RunConfig) -> None:
         if self.beta <= 0:
             raise ConfigError(f"{run.method}.beta={self.beta}: must be > 0.")
+        if self.shared_prompt not in (True, False, "auto"):
+            raise ConfigError(f"{run.method}.shared_prompt={self.shared_prompt!r}: use auto, true or false.")
 
     def _check_smoothing(self, run: RunConfig, loss_type: str) -> None:
         eps = self.label_smoothing
@@ -88,11 +101,15 @@ class DPOConfig(PreferenceConfig):
     label_smoothing: float = opt(0.0, "Probability a label is flipped: conservative DPO (sigmoid) or robust DPO; 0 otherwise.")
     ref_model: str | None = opt(None, "Reference model (folder, hub name, asset). None: the policy with its adapter "
                                       "off (lora/qlora) or a frozen copy of model.name_or_path (full).")
-    precompute_ref_logps: bool = opt(False, "Score every train/eval row with the reference once before training, "
-                                            "then free the reference model (one forward less per step).")
+    precompute_ref_logps: bool | str = opt("auto", "Score every train/eval row with the reference once before "
+                                                   "training, then free the reference model (one forward less per "
+                                                   "step). auto: when the run visits every training row at least "
+                                                   "once (and the reference allows it).")
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
+        if self.precompute_ref_logps not in (True, False, "auto"):
+            raise ConfigError(f"dpo.precompute_ref_logps={self.precompute_ref_logps!r}: use auto, true or false.")
         check_choice(f"{run.method}.loss_type", self.loss_type, DPO_LOSS_TYPES)
         self._check_smoothing(run, self.loss_type)
 
@@ -150,29 +167,32 @@ class PreferenceMethod(OfflineMethod):
     bar_metrics = ("rewards/accuracies", "rewards/margins")
 
     def __init__(self, method: str, args: PreferenceConfig, pad_token_id: int, *, accelerator=None,
-                 reference: Reference | None = None):
+                 reference: Reference | None = None, layout: BatchLayout | None = None):
         if method not in ("dpo", "simpo", "cpo", "orpo"):
             raise ValueError(f"PreferenceMethod: unknown method {method!r}.")
         self.method, self.args, self.pad_token_id = method, args, pad_token_id
         self.accelerator, self.reference = accelerator, reference
+        self.layout = layout or BatchLayout()
 
     # -- data ---------------------------------------------------------------------------------------
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        seqs, labels = [], []
-        for name in ("chosen_ids", "rejected_ids"):
-            for r in rows:
-                prompt, completion = list(r["prompt_ids"]), list(r[name])
-                seqs.append(prompt + completion)
-                labels.append([IGNORE_INDEX] * len(prompt) + completion)
-        batch = padded_batch(seqs, labels, self.pad_token_id)
+        triples = [(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"])) for r in rows]
+        batch = self.layout.pairs(triples, self.pad_token_id)
         if all("ref_chosen_logps" in r for r in rows):
             batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
                                               + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
         return batch
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return len(batch["sequence_tokens"]) // 2
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["n_tokens"])
+
+    def logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sequence (B chosen, then B rejected): summed completion log-probs, token counts, mean logits."""
+        return batch_logps(model, batch, chunked=self.args.chunked_logps)
 
     # -- reference ----------------------------------------------------------------------------------
 
@@ -183,7 +203,7 @@ class PreferenceMethod(OfflineMethod):
         if self.reference is None:
             raise RuntimeError("dpo needs reference log-probs: give a reference or precomputed rows.")
         with self.reference.applied(model) as ref, autocast(self.accelerator):
-            return completion_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+            return self.logps(ref, batch)[0]
 
     def precompute_reference(self, model, rows: list[dict], batch_size: int) -> None:
         """Store ``ref_chosen_logps``/``ref_rejected_logps`` in every row (rows are sharded over processes,
@@ -201,7 +221,7 @@ class PreferenceMethod(OfflineMethod):
             batch.pop("ref_logps", None)
             batch = {k: v.to(device) for k, v in batch.items()}
             ref = self.reference_logps(model, batch).float().cpu()
-            k = len(batch["input_ids"]) // 2
+            k = self.count_items(batch)
             found += [(i, float(ref[j]), float(ref[k + j])) for j, i in enumerate(idx)]
         if world > 1:
             from accelerate.utils import gather_object
@@ -220,8 +240,7 @@ class PreferenceMethod(OfflineMethod):
         B = self.count_items(batch)
         a = self.args
         ref = self.reference_logps(model, batch) if self.method == "dpo" else None
-        logps, n_tokens, mean_logits = completion_logps(model, batch["input_ids"], batch["attention_mask"],
-                                                        batch["labels"])
+        logps, n_tokens, mean_logits = self.logps(model, batch)
         avg = logps / n_tokens.clamp(min=1)  # length-normalised log-probs (SimPO, IPO, ORPO, NLL)
         nll = None
         extra = {}
@@ -275,6 +294,30 @@ class PreferenceMethod(OfflineMethod):
 # --------------------------------------------------------------------------------------------------
 
 
+def _precompute_reference(cfg: RunConfig, accelerator, reference: Reference, n_train: int) -> bool:
+    """Whether to score the rows with the reference before training (``dpo.precompute_ref_logps``); logged."""
+    mode = cfg.method_args.precompute_ref_logps
+    adapter_off_zero3 = reference.is_adapter_off_policy and zero_stage(accelerator) == 3
+    if mode is True:
+        if adapter_off_zero3:
+            raise ConfigError("dpo.precompute_ref_logps with a LoRA policy as its own reference is not supported "
+                              "under ZeRO-3 (the policy is not placed before training); set "
+                              "dpo.precompute_ref_logps=false (a LoRA reference costs no extra memory).")
+        return True
+    if mode is False:
+        return False
+    t = cfg.training
+    per_batch = t.per_device_batch_size * accelerator.num_processes
+    visited = total_updates(t, max(n_train // per_batch, 1)) * t.gradient_accumulation_steps * per_batch
+    precompute = visited >= n_train and not adapter_off_zero3
+    why = ("a LoRA policy as its own reference cannot be scored before training under ZeRO-3"
+           if adapter_off_zero3 and visited >= n_train else
+           f"the run scores {visited} training rows with a live reference, the train set has {n_train}")
+    logger.info("dpo.precompute_ref_logps=auto: %s (%s)", "precomputing reference log-probs" if precompute
+                else "live reference", why)
+    return precompute
+
+
 def run(cfg: RunConfig) -> dict:
     accelerator = setup_accelerator(cfg.training)
     tokenizer = load_tokenizer(cfg.model)
@@ -282,14 +325,13 @@ def run(cfg: RunConfig) -> dict:
         splits = build_datasets(cfg.data, tokenizer, "preference")
     model = load_model(cfg.model, tokenizer)  # the policy first: its LoRA init draws from the seeded RNG
     reference = load_reference(cfg, tokenizer, accelerator, model) if cfg.method == "dpo" else None
-    method = PreferenceMethod(cfg.method, cfg.method_args, tokenizer.pad_token_id, accelerator=accelerator,
-                              reference=reference)
-    if cfg.method == "dpo" and cfg.method_args.precompute_ref_logps:
+    args = cfg.method_args
+    layout = choose_layout(model, padding_free=args.padding_free, shared_prompt=args.shared_prompt, pairs=True,
+                           accelerator=accelerator, what=f"{cfg.method} batches")
+    method = PreferenceMethod(cfg.method, args, tokenizer.pad_token_id, accelerator=accelerator,
+                              reference=reference, layout=layout)
+    if cfg.method == "dpo" and _precompute_reference(cfg, accelerator, reference, len(splits.train)):
         if reference.is_adapter_off_policy:
-            if zero_stage(accelerator) == 3:
-                raise ConfigError("dpo.precompute_ref_logps with a LoRA policy as its own reference is not supported "
-                                  "under ZeRO-3 (the policy is not placed before training); set "
-                                  "dpo.precompute_ref_logps=false (a LoRA reference costs no extra memory).")
             model.to(accelerator.device)
         for rows in (splits.train, splits.eval or []):
             method.precompute_reference(model, rows, cfg.training.per_device_batch_size)

@@ -11,7 +11,9 @@ QLoRA) → training.fit → reward mean/std over the training rows, saved in the
 
 Pairs are framed, truncated and scored by :class:`alignkit.rewards.RewardModelFraming`, the same code that
 scores responses in RL: ``prompt + completion`` for causal LMs, ``[CLS] prompt [SEP] completion [SEP]`` for
-encoders; the score is read at the last non-pad token (causal LMs) or at [CLS] (encoders).
+encoders; the score is read at the last non-pad token (causal LMs) or at [CLS] (encoders). With
+``rm.padding_free`` (causal LMs whose attention allows it), the sequences are packed end to end instead of
+padded and the score is read at each sequence's last token (:func:`alignkit.forward.sequence_scores`).
 
 After training, ``alignkit_reward_mean`` / ``alignkit_reward_std`` (over up to ``rm.stats_rows`` training
 rows, chosen and rejected sequences both) are written into the output's ``config.json`` (and
@@ -29,7 +31,8 @@ from pathlib import Path
 import torch
 
 from alignkit.config import ConfigError, RunConfig, check_choice, opt
-from alignkit.data import build_datasets
+from alignkit.data import IGNORE_INDEX, build_datasets
+from alignkit.forward import BatchLayout, choose_layout, sequence_scores
 from alignkit.losses import bradley_terry_loss, regression_loss
 from alignkit.models import load_model, load_tokenizer, unwrap_model
 from alignkit.rewards import RewardModelFraming
@@ -49,6 +52,8 @@ class RMConfig:
                              "0 ignores it. Rows without the field get no margin.")
     stats_rows: int = opt(1000, "Training rows scored after training for the reward mean/std saved in "
                                 "config.json (0: all rows).")
+    padding_free: bool = opt(True, "Causal-LM backbones: pack the sequences end to end (position ids restart per "
+                                   "sequence) and read each score at its last token; same scores, no padding.")
 
     def validate(self, run: RunConfig) -> None:
         check_choice("rm.objective", self.objective, ("pairwise", "regression"))
@@ -56,11 +61,20 @@ class RMConfig:
             raise ConfigError(f"rm.stats_rows={self.stats_rows}: must be >= 0 (0 means every training row).")
 
 
+def _trailing(seq: list[int], pad_token_id: int) -> int:
+    """Tokens after the last non-pad token (all but the first when every token is pad, as transformers)."""
+    n = len(seq)
+    last = next((i for i in range(n - 1, -1, -1) if seq[i] != pad_token_id), 0)
+    return n - 1 - last
+
+
 class RewardMethod(OfflineMethod):
     """Pairwise (items: pairs) or regression (items: rows) training of a one-output sequence classifier."""
 
-    def __init__(self, objective: str, framing: RewardModelFraming, *, margin: float = 1.0):
+    def __init__(self, objective: str, framing: RewardModelFraming, *, margin: float = 1.0,
+                 layout: BatchLayout | None = None):
         self.objective, self.framing, self.margin = objective, framing, margin
+        self.layout = layout or BatchLayout()
         self.bar_metrics = ("rewards/accuracies", "rewards/margins") if objective == "pairwise" else ("mae",)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -69,7 +83,15 @@ class RewardMethod(OfflineMethod):
                                                                           for r in rows]
         else:
             pairs = [(r["input_ids"][:r.get("prompt_len", 0)], r["input_ids"][r.get("prompt_len", 0):]) for r in rows]
-        batch = self.framing.batch(pairs)
+        if self.layout.packed and self.framing.special_tokens is None:
+            seqs = [self.framing.sequence(list(p), list(c))[0] for p, c in pairs]
+            pad = self.framing.pad_token_id
+            batch = self.layout.sequences(seqs, [[IGNORE_INDEX] * len(s) for s in seqs], pad)
+            # transformers' classifiers read the last token that is not the pad token (with pad = eos, the one
+            # before a final eos): the same token here
+            batch["last_positions"] -= torch.tensor([_trailing(s, pad) for s in seqs], dtype=torch.long)
+        else:
+            batch = self.framing.batch(pairs)
         if self.objective == "pairwise":
             if self.margin and any("margin" in r for r in rows):
                 batch["margin"] = torch.tensor([float(r.get("margin", 0.0)) for r in rows]) * self.margin
@@ -78,13 +100,22 @@ class RewardMethod(OfflineMethod):
         return batch
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
-        n = batch["input_ids"].shape[0]
+        n = len(batch["last_positions"]) if "last_positions" in batch else batch["input_ids"].shape[0]
         return n // 2 if self.objective == "pairwise" else n
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["n_tokens"]) if "n_tokens" in batch else super().count_tokens(batch)
+
+    def scores(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One float32 reward per sequence of the batch (padded or packed)."""
+        if "last_positions" in batch:
+            return sequence_scores(model, batch)
+        return self.framing.scores(model, batch)
 
     # -- loss ---------------------------------------------------------------------------------------
 
     def loss(self, model, batch):
-        scores = self.framing.scores(model, batch)
+        scores = self.scores(model, batch)
         if self.objective == "regression":
             target = batch["score"].to(scores.device)
             losses = regression_loss(scores, target)
@@ -116,7 +147,7 @@ def reward_stats(accelerator, model, method: RewardMethod, rows: list[dict], bat
         for batch in eval_batches(sample, method.collate, batch_size, accelerator.num_processes,
                                   accelerator.process_index):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            s = method.framing.scores(model, batch).double()
+            s = method.scores(model, batch).double()
             total, total_sq, count = total + float(s.sum()), total_sq + float((s * s).sum()), count + s.numel()
     model.train(was_training)
     t = torch.tensor([total, total_sq, count], dtype=torch.float64, device=accelerator.device)
@@ -148,7 +179,11 @@ def run(cfg: RunConfig) -> dict:
         splits = build_datasets(cfg.data, tokenizer, kind)
     model = load_model(cfg.model, tokenizer, task="seq_cls", num_labels=1)
     framing = RewardModelFraming.for_tokenizer(tokenizer, max_length=cfg.data.max_length)
-    method = RewardMethod(args.objective, framing, margin=args.margin)
+    layout = BatchLayout()
+    if framing.special_tokens is None:  # encoders read [CLS]: their pair form stays padded
+        layout = choose_layout(model, padding_free=args.padding_free, scores=True, accelerator=accelerator,
+                               what="rm batches")
+    method = RewardMethod(args.objective, framing, margin=args.margin, layout=layout)
     result = fit(accelerator, model, tokenizer, method, cfg, splits.train, splits.eval)
     stats = reward_stats(accelerator, result["model"], method, splits.train, cfg.training.per_device_batch_size,
                          args.stats_rows)

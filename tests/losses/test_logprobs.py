@@ -186,3 +186,85 @@ def test_sequence_logps_matches_trl_get_batch_logps(trainer, average):
     ours = sums / counts.clamp(min=1) if average else sums
     theirs = Trainer.get_batch_logps(logits, labels.clone(), average_log_prob=average)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_logps: the LM head and the log-softmax gather, chunk by chunk
+# --------------------------------------------------------------------------------------------------
+
+from alignkit.losses.logprobs import linear_logps  # noqa: E402
+
+
+def _naive_linear(hidden, weight, bias, targets, scale):
+    z = scale * F.linear(hidden, weight, bias)
+    return z.log_softmax(-1).gather(-1, targets[:, None])[:, 0], -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])  # a frozen head takes the gradient-in-forward path
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.7])
+@pytest.mark.parametrize("chunk_rows", [1, 4, None])
+def test_linear_logps_values_and_gradients_match_full_logits(frozen_head, bias, scale, chunk_rows):
+    gen = torch.Generator().manual_seed(3)
+    N, H, V = 13, 8, 37
+    h0, w0 = torch.randn(N, H, generator=gen, dtype=torch.float64), torch.randn(V, H, generator=gen, dtype=torch.float64)
+    b0 = torch.randn(V, generator=gen, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, V, (N,), generator=gen)
+    g_logp, g_ent = torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(N, generator=gen, dtype=torch.float64)
+
+    def leaves():
+        return (h0.clone().requires_grad_(), w0.clone().requires_grad_(not frozen_head),
+                None if b0 is None else b0.clone().requires_grad_(not frozen_head))
+
+    h, w, b = leaves()
+    logps, ent, mean = linear_logps(h, w, targets, b, scale=scale, entropy=True, chunk_rows=chunk_rows)
+    ((logps * g_logp).sum() + (ent * g_ent).sum()).backward()
+    h2, w2, b2 = leaves()
+    logps2, ent2 = _naive_linear(h2, w2, b2, targets, scale)
+    ((logps2 * g_logp).sum() + (ent2 * g_ent).sum()).backward()
+    tight = {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(logps, logps2, **tight)
+    torch.testing.assert_close(ent, ent2, **tight)
+    torch.testing.assert_close(mean, F.linear(h0, w0, b0).mean(-1), **tight)
+    assert not mean.requires_grad
+    torch.testing.assert_close(h.grad, h2.grad, **tight)
+    if not frozen_head:
+        torch.testing.assert_close(w.grad, w2.grad, **tight)
+        if bias:
+            torch.testing.assert_close(b.grad, b2.grad, **tight)
+
+
+def test_linear_logps_gradchecks_and_detaches_entropy_on_request():
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (5,), generator=gen)
+
+    def f(h, w, b):
+        logps, ent, _ = linear_logps(h, w, t, b, scale=1.3, entropy=True, chunk_rows=2)
+        return logps.sum() + 0.5 * ent.sum()
+
+    assert torch.autograd.gradcheck(f, (h, w, b))
+    _, ent, _ = linear_logps(h, w, t, b, entropy=True, entropy_grad=False)
+    assert not ent.requires_grad
+    assert linear_logps(h, w, t, b)[1] is None
+
+
+def test_linear_logps_float32_and_bfloat16_matmuls():
+    gen = torch.Generator().manual_seed(5)
+    h, w = torch.randn(40, 16, generator=gen), torch.randn(300, 16, generator=gen) * 0.5
+    t = torch.randint(0, 300, (40,), generator=gen)
+    exact = _naive_linear(h.double(), w.double(), None, t, 1.0)[0]
+    logps = linear_logps(h, w, t, chunk_rows=7)[0]
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps.double(), exact, rtol=1e-5, atol=1e-5)
+    # bf16 matmuls (what autocast gives the LM head), float32 log-softmax: bf16 rounding of the logits only
+    bf16 = linear_logps(h, w, t, matmul_dtype=torch.bfloat16)[0]
+    expected = F.linear(h.bfloat16(), w.bfloat16()).float().log_softmax(-1).gather(-1, t[:, None])[:, 0]
+    torch.testing.assert_close(bf16, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_logps_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"must be \[N, H\], \[V, H\] and \[N\]"):
+        linear_logps(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))

@@ -9,9 +9,9 @@ import torch
 
 from alignkit import build_config
 from alignkit.config import ConfigError
-from alignkit.forward import completion_logps
+from alignkit.forward import batch_logps
 from alignkit.losses import kto_loss
-from alignkit.methods.kto import KTOConfig, KTOMethod
+from alignkit.methods.kto import KTOConfig, KTOMethod, kl_part
 from alignkit.reference import Reference
 
 from . import metrics, preference_records, train, write_jsonl
@@ -26,13 +26,13 @@ def _rows():
 def test_collate_pairs_each_prompt_with_the_previous_rows_completion():
     batch = KTOMethod(KTOConfig(), pad_token_id=0, max_length=4, reference=Reference()).collate(_rows())
     assert batch["desirable"].tolist() == [True, False, True]
-    ids = batch["input_ids"].tolist()
-    assert ids[:3] == [[5, 6, 7, 0], [8, 9, 10, 0], [11, 12, 13, 14]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 10, 0], [11, 12, 13, 14]]
     # KL rows: prompt i + completion i-1 (row 0 takes the last row's); prompts cut from the left to fit
-    assert ids[3:] == [[5, 6, 14, 0], [8, 7, 0, 0], [12, 13, 9, 10]]
-    assert batch["labels"][5].tolist() == [-100, -100, 9, 10]
+    kl = kl_part(batch)
+    assert kl["input_ids"].tolist() == [[5, 6, 14, 0], [8, 7, 0, 0], [12, 13, 9, 10]]
+    assert kl["labels"][2].tolist() == [-100, -100, 9, 10]
     no_kl = KTOMethod(KTOConfig(reference_point=False), 0, 8, reference=Reference()).collate(_rows())
-    assert no_kl["input_ids"].shape[0] == 3
+    assert no_kl["input_ids"].shape[0] == 3 and not kl_part(no_kl)
 
 
 class _TwoProcesses:
@@ -64,8 +64,8 @@ def test_kl_reference_point_and_class_counts_are_all_reduced_before_use(tiny_tok
     (sent, _), = acc.calls
     B = 3
     with torch.no_grad():
-        pol = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
-        ref_logps = completion_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+        pol = torch.cat([batch_logps(policy, b)[0] for b in (batch, kl_part(batch))])
+        ref_logps = torch.cat([batch_logps(ref, b)[0] for b in (batch, kl_part(batch))])
     local_kl = float((pol[B:] - ref_logps[B:]).mean())
     assert sent.tolist() == pytest.approx([local_kl, 2.0, 1.0], abs=1e-5)  # this process' z0 and class counts
     z0 = max(0.0, (local_kl + 2.0) / 2)  # the mean over the two processes is the one used

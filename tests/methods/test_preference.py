@@ -107,9 +107,10 @@ def test_lora_adapter_reference_equals_an_explicit_frozen_copy(tmp_path, tiny_mo
     handler = _Capture()
     logging.getLogger("alignkit").addHandler(handler)
     try:
-        train("dpo", tiny_model_dir, pref_file, tmp_path / "adapter", model=lora, learning_rate=5e-3)
+        live = ["dpo.precompute_ref_logps=false"]  # the reference runs every step
+        train("dpo", tiny_model_dir, pref_file, tmp_path / "adapter", model=lora, learning_rate=5e-3, overrides=live)
         train("dpo", tiny_model_dir, pref_file, tmp_path / "explicit", model=lora, learning_rate=5e-3,
-              overrides=[f"dpo.ref_model={tiny_model_dir}"])
+              overrides=live + [f"dpo.ref_model={tiny_model_dir}"])
     finally:
         logging.getLogger("alignkit").removeHandler(handler)
     assert any("adapter disabled" in m for m in handler.messages)
@@ -127,7 +128,8 @@ def test_precomputed_reference_equals_the_live_reference(tmp_path, tiny_model_di
     handler = _Capture()
     logging.getLogger("alignkit").addHandler(handler)
     try:
-        train("dpo", tiny_model_dir, pref_file, tmp_path / "live", max_steps=4)
+        train("dpo", tiny_model_dir, pref_file, tmp_path / "live", max_steps=4,
+              overrides=["dpo.precompute_ref_logps=false"])
         train("dpo", tiny_model_dir, pref_file, tmp_path / "pre", max_steps=4,
               overrides=["dpo.precompute_ref_logps=true"])
     finally:
