@@ -1,0 +1,1105 @@
+"""``alignkit estimate``: will a run fit on N GPUs of M GB each, and which config change would make it fit.
+
+    alignkit estimate METHOD [CONFIG.yaml] [--set section.key=value ...] --gpus N --gpu-memory 40GB [--json]
+
+The estimate reads the same config a run uses (``alignkit train`` takes the same file and ``--set``s) and
+the model configs only: each model (policy, reference, critic, reward model, teacher) is built on the meta
+device from its ``config.json`` (a local folder, a named asset, a ``config.json`` path, a known preset or,
+online, the Hub), so nothing is downloaded and no weights are read. For each phase of a step (rollout,
+scoring, training forward/backward, optimizer step) it adds up, per GPU:
+
+- weights (per dtype; 4-bit NF4 with double quantisation; LoRA adapters), gradients, AdamW's ``m`` and ``v``
+  and, under DeepSpeed mixed precision, the fp32 master weights, divided by N as ZeRO-1/2/3 partition them
+  (or moved to the CPU by ``training.zero_offload``), plus DDP's gradient buckets and DeepSpeed's reduce bucket;
+- the activations autograd saves, from a per-layer formula for Llama-style decoders (see
+  :func:`layer_activation_bytes` and docs/estimate.md), with or without gradient checkpointing;
+- the logits, only at the positions alignkit computes them (:mod:`alignkit.forward`), and the float32
+  temporaries of the loss (the chunked ``selective_log_softmax`` or SFT's cross-entropy);
+- every other model the method holds and how it is placed (a frozen copy, the adapter-off policy at no
+  cost, a ZeRO-3 partitioned frozen engine), the generation KV cache, and a colocated vLLM's share.
+
+The peak is the largest phase plus an allowance for the CUDA context and the caching allocator
+(:data:`CONTEXT_GIB`, :data:`FRAGMENTATION`). Suggestions are config changes (``--set`` overrides), each
+scored by running the estimate again with it. All sizes are GiB (2**30 bytes), the unit GPU names use
+("40GB" = 40960 MiB). docs/estimate.md holds the formulas and the measured accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import ConfigError, RunConfig
+from alignkit.errors import AlignkitError
+
+GIB = 2**30
+CONTEXT_GIB = 0.75  # CUDA context, cuBLAS/NCCL workspaces: memory a GPU process holds outside PyTorch's tensors
+FRAGMENTATION = 0.05  # the caching allocator reserves ~5% more than the live tensors at the peak
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + 8-bit absmax per 64 + fp32 absmax per 256 blocks
+NF4_NO_DOUBLE_QUANT = 0.5 + 4 / 64
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements); alignkit does not change it
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters default
+LOGSOFTMAX_CHUNK_ELEMENTS = 2**25  # alignkit.losses.logprobs: float32 elements per selective_log_softmax chunk
+ENTROPY_CHUNK_ROWS = 128  # alignkit.losses.rl.entropy_from_logits
+ONLINE = ("ppo", "rloo", "grpo", "reinforce_pp")
+PREFERENCE = ("dpo", "simpo", "cpo", "orpo")
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+class EstimateError(AlignkitError, ValueError):
+    """The estimate cannot be made (a model config that cannot be read, a bad CLI value); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model configs without weights: presets, local folders, assets, config.json files, the Hub
+# --------------------------------------------------------------------------------------------------
+
+# config.json values of architectures the estimate knows offline, keyed by the name a config would use
+_SMOLLM2_135M = {
+    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+    "max_position_embeddings": 8192, "tie_word_embeddings": True, "hidden_act": "silu",
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m-instruct": _SMOLLM2_135M,  # the asset, when it is not cached yet
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M,
+    "all-minilm-l6-v2": {
+        "model_type": "bert", "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+        "num_attention_heads": 12, "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2,
+    },
+    "Qwen/Qwen2-7B": {
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+        "max_position_embeddings": 131072, "hidden_act": "silu",
+    },
+    "Qwen/Qwen2.5-0.5B": {
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+        "max_position_embeddings": 32768, "hidden_act": "silu",
+    },
+    "huggyllama/llama-7b": {  # LLaMA-7B: 6.74B parameters
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
+        "max_position_embeddings": 2048, "hidden_act": "silu",
+    },
+    "google/gemma-2b": {
+        "model_type": "gemma", "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18,
+        "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256000,
+        "tie_word_embeddings": True, "max_position_embeddings": 8192, "hidden_act": "gelu_pytorch_tanh",
+    },
+}
+
+
+def read_model_config(name: str, key: str, gguf_file: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` values of model ``name`` (a config value such as ``model.name_or_path``), no weights.
+
+    In order: a ``.json`` file; a folder's ``config.json``; a ``.gguf`` file's metadata; a named asset (its
+    cached folder, else its preset); a preset (:data:`PRESETS`); the Hub (config only).
+    """
+    path = Path(name).expanduser()
+    if name.endswith(".json"):
+        if not path.is_file():
+            raise EstimateError(f"{key}={name!r}: no such config file.")
+        return _read_json(path, key)
+    if path.is_dir():
+        if gguf_file or (any(path.glob("*.gguf")) and not (path / "config.json").is_file()):
+            return _gguf_config(path, gguf_file or next(path.glob("*.gguf")).name, key)
+        if not (path / "config.json").is_file():
+            raise EstimateError(f"{key}={name!r}: the folder has no config.json; give a model folder or the path of "
+                                "its config.json.")
+        return _read_json(path / "config.json", key)
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise EstimateError(f"{key}={name!r}: no such GGUF file.")
+        return _gguf_config(path.parent, path.name, key)
+    from alignkit import assets
+
+    spec = assets.ASSETS.get(name)
+    if spec is not None and spec.kind == "model":
+        if assets.is_cached(name):
+            return _read_json(assets.cache_dir() / "assets" / name / spec.output / "config.json", key)
+        if name in PRESETS:
+            return dict(PRESETS[name])
+    if name in PRESETS:
+        return dict(PRESETS[name])
+    if name.startswith(("/", "./", "../", "~")):
+        raise EstimateError(f"{key}={name!r}: no such folder or config file.")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name).to_dict()
+    except Exception as e:  # offline, gated, unknown: one line
+        reason = " ".join(str(e).split())[:160]
+        raise EstimateError(
+            f"{key}={name!r}: not a local folder, config.json, asset or preset, and its config.json could not be "
+            f"read from the Hugging Face Hub ({reason}). Offline? Give a local folder or a config.json path, e.g. "
+            f"--model-config path/to/config.json (presets: {', '.join(PRESETS)})."
+        ) from None
+
+
+def _read_json(path: Path, key: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EstimateError(f"{key}: {path} is not a readable JSON config ({e}).") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise EstimateError(f"{key}: {path} has no model_type; give a transformers config.json.")
+    return data
+
+
+def _gguf_config(folder: Path, gguf_file: str, key: str) -> dict[str, Any]:
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file).to_dict()
+    except Exception as e:
+        raise EstimateError(f"{key}: cannot read the config of the GGUF file {folder / gguf_file} ({e}); give "
+                            "--model-config path/to/config.json.") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures: parameter counts from a model built on the meta device
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the estimate needs to know about one model (built on the meta device, no weights)."""
+
+    name: str
+    model_type: str
+    task: str  # causal_lm | seq_cls
+    params: int  # every parameter once (tied embeddings count once)
+    head_params: int  # the LM head's own parameters (0 when tied to the embeddings; seq-cls: the score head)
+    quantizable: int  # parameters bitsandbytes stores in 4 bits: every linear layer but the output head
+    linears: tuple[tuple[str, int, int], ...]  # (module name, in_features, out_features) of every nn.Linear
+    head_names: tuple[str, ...]  # linear modules 'all-linear' LoRA leaves out (the output / score head)
+    largest: int  # elements of the largest parameter
+    layer_params: int  # parameters of one decoder layer
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@functools.lru_cache(maxsize=64)
+def _arch_from_json(name: str, config_json: str, task: str) -> Arch:
+    import torch
+    import transformers
+
+    values = json.loads(config_json)
+    model_type = values.pop("model_type")
+    for k in ("architectures", "transformers_version", "_name_or_path", "auto_map", "quantization_config"):
+        values.pop(k, None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **values)
+    except ValueError as e:
+        raise EstimateError(f"{name}: model_type {model_type!r} is unknown to transformers "
+                            f"{transformers.__version__} ({e}).") from None
+    auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForSequenceClassification
+    if task == "seq_cls":
+        config.num_labels = 1
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+    except ValueError as e:
+        raise EstimateError(f"{name}: transformers cannot build a {task} model of type {model_type!r} ({e}).") from None
+    text = config.get_text_config()
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in params.values())
+    head_module = model.get_output_embeddings() if task == "causal_lm" else None
+    head_names: list[str] = []
+    head_params = 0
+    if head_module is not None:
+        head_names = [n for n, m in model.named_modules() if m is head_module]
+        embed = model.get_input_embeddings()
+        tied = embed is not None and head_module.weight is embed.weight
+        head_params = 0 if tied else sum(p.numel() for p in head_module.parameters())
+    else:
+        for n, m in model.named_modules():
+            if n.split(".")[-1] in ("score", "classifier") and isinstance(m, torch.nn.Module):
+                head_names.append(n)
+                head_params += sum(p.numel() for p in m.parameters())
+    linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear))
+    in_head = tuple(f"{h}." for h in head_names)
+    quantizable = sum(i * o for n, i, o in linears if n not in head_names and not n.startswith(in_head))
+    layer_lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers]
+    layer_params = sum(p.numel() for p in layer_lists[0][0].parameters()) if layer_lists else 0
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    return Arch(
+        name=name, model_type=model_type, task=task, params=total, head_params=head_params, quantizable=quantizable,
+        linears=linears, head_names=tuple(head_names), largest=max(p.numel() for p in params.values()),
+        layer_params=layer_params, hidden=int(text.hidden_size), layers=int(text.num_hidden_layers), heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
+        intermediate=int(text.intermediate_size), vocab=int(text.vocab_size),
+    )
+
+
+def arch_of(name: str, task: str = "causal_lm", *, key: str = "model.name_or_path", gguf_file: str | None = None,
+            config_override: str | None = None) -> Arch:
+    """The :class:`Arch` of model ``name`` for ``task`` (``causal_lm`` or ``seq_cls``); ``config_override``
+    (a config.json path, a folder or a preset) replaces where its config is read from."""
+    values = read_model_config(config_override or name, "--model-config" if config_override else key, gguf_file)
+    return _arch_from_json(config_override or name, json.dumps(values, sort_keys=True, default=str), task)
+
+
+def lora_parameters(arch: Arch, targets: list[str], rank: int) -> int:
+    """LoRA parameters peft adds: ``r * (in + out)`` for every targeted linear layer (``all-linear``: every
+    linear layer but the output / score head), plus a trainable copy of a seq-cls score head."""
+    extra = arch.head_params if arch.task == "seq_cls" else 0  # modules_to_save: the score head trains in full
+    if "all-linear" in targets:
+        chosen = [(i, o) for n, i, o in arch.linears if n not in arch.head_names]
+    else:
+        chosen = [(i, o) for n, i, o in arch.linears
+                  if any(n == t or n.endswith(f".{t}") for t in targets) and n not in arch.head_names]
+    if not chosen:
+        names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in arch.linears})
+        raise ConfigError(f"model.lora_target_modules={targets}: no linear layer of {arch.name} matches; its linear "
+                          f"layers: {', '.join(names)} (or use 'all-linear').")
+    return rank * sum(i + o for i, o in chosen) + extra
+
+
+def _lora_targets(arch: Arch, targets: list[str]) -> list[tuple[str, int, int]]:
+    if "all-linear" in targets:
+        return [x for x in arch.linears if x[0] not in arch.head_names]
+    return [x for x in arch.linears if any(x[0] == t or x[0].endswith(f".{t}") for t in targets)
+            and x[0] not in arch.head_names]
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision and placement of a run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    device: str  # cuda | cpu: what "auto" dtypes resolve to, AdamW's foreach temporaries, the CUDA allowance
+    gpus: int
+    weight_bytes: int  # model.dtype
+    compute_bytes: int  # activations: 2 under bf16/fp16 autocast, else the weight dtype
+    mixed: str  # no | bf16 | fp16
+    stage: int  # DeepSpeed ZeRO stage, 0 = none
+    offload: bool  # ZeRO-2/3 optimizer (and ZeRO-3 parameter) offload to CPU
+
+    @property
+    def ds_half(self) -> bool:
+        """DeepSpeed with bf16/fp16 casts every parameter to 2 bytes and keeps fp32 masters in the optimizer."""
+        return self.stage > 0 and self.mixed in ("bf16", "fp16")
+
+    @property
+    def label(self) -> str:
+        zero = f"ZeRO-{self.stage}{' + offload' if self.offload else ''}" if self.stage else (
+            "DDP" if self.gpus > 1 else "one process")
+        dtype = {2: "bf16", 4: "fp32"}[self.weight_bytes]
+        return f"{zero}, weights {dtype}, mixed precision {self.mixed}"
+
+
+def setup_of(cfg: RunConfig, gpus: int, device: str) -> Setup:
+    t, m = cfg.training, cfg.model
+    dtype = m.dtype.lower().removeprefix("torch.")
+    weight_bytes = (2 if device == "cuda" else 4) if dtype == "auto" else _DTYPE_BYTES[dtype]
+    mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if device == "cuda" else "no")
+    stage, offload = 0, False
+    if t.deepspeed in ("zero1", "zero2", "zero3"):
+        stage, offload = int(t.deepspeed[-1]), t.zero_offload and t.deepspeed != "zero1"
+    elif t.deepspeed:
+        ds = json.loads(Path(t.deepspeed).read_text())
+        zero = ds.get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
+        if ds.get("bf16", {}).get("enabled") is True:
+            mixed = "bf16"
+    compute = 2 if mixed in ("bf16", "fp16") else weight_bytes
+    return Setup(device=device, gpus=gpus, weight_bytes=weight_bytes, compute_bytes=compute, mixed=mixed,
+                 stage=stage, offload=offload)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights, gradients, optimizer states
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """A model that trains (the policy; PPO's critic): its weights and trainable parameters on one GPU."""
+
+    weights: float  # bytes per GPU, resident
+    trainable: int  # trainable parameters (all of them, before any partitioning)
+    param_bytes: int  # bytes per trainable parameter as stored (LoRA adapters: fp32 unless DeepSpeed casts)
+    largest: int  # elements of the largest trainable tensor (AdamW's single-tensor temporaries on CPU)
+    layer_params: int  # one decoder layer (ZeRO-3 gathers a few at a time)
+    lora: list[tuple[str, int, int]] = field(default_factory=list)  # adapted linear layers (activations)
+    full: float = 0.0  # bytes of all weights gathered (ZeRO-3 rollout)
+
+
+def trained_model(arch: Arch, cfg: RunConfig, s: Setup) -> Trained:
+    """Weights on one GPU and trainable parameters of ``arch`` trained with ``model.finetune``."""
+    m = cfg.model
+    w = 2 if s.ds_half else s.weight_bytes
+    if m.finetune == "full":
+        full = arch.params * w
+        trained = Trained(weights=full, trainable=arch.params, param_bytes=w, largest=arch.largest,
+                          layer_params=arch.layer_params, full=full)
+    else:
+        n_lora = lora_parameters(arch, list(m.lora_target_modules), m.lora_r)
+        lora_bytes = 2 if s.ds_half else 4  # peft keeps adapters in fp32 (autocast_adapter_dtype)
+        if m.finetune == "lora":
+            base = arch.params * w
+        else:  # qlora: linear layers in NF4; prepare_model_for_kbit_training upcasts the rest to fp32
+            other = 2 if s.ds_half else 4
+            base = arch.quantizable * NF4_BYTES_PER_PARAM + (arch.params - arch.quantizable) * other
+        targets = _lora_targets(arch, list(m.lora_target_modules))
+        largest = max([m.lora_r * max(i, o) for _, i, o in targets] + [arch.head_params if arch.task == "seq_cls" else 0])
+        trained = Trained(weights=base + n_lora * lora_bytes, trainable=n_lora, param_bytes=lora_bytes,
+                          largest=largest, layer_params=arch.layer_params, lora=targets,
+                          full=base + n_lora * lora_bytes)
+    if s.stage == 3:
+        trained.weights = 0.0 if s.offload else trained.weights / s.gpus
+    return trained
+
+
+def optimizer_states(t: Trained, s: Setup) -> dict[str, float]:
+    """Resident optimizer memory per GPU: AdamW's m and v (and DeepSpeed's fp32 master weights)."""
+    if s.stage == 0:
+        return {"optimizer states (AdamW m, v)": 2 * t.trainable * t.param_bytes}
+    if s.offload:
+        return {"optimizer states (AdamW m, v)": 0.0}
+    out = {"optimizer states (AdamW m, v)": 8 * t.trainable / s.gpus}
+    if s.ds_half:
+        out["fp32 master weights"] = 4 * t.trainable / s.gpus
+    return out
+
+
+def gradient_bytes(t: Trained, s: Setup) -> float:
+    """Gradients per GPU during backward: the full set without ZeRO-2/3, a 1/N partition with them."""
+    if s.stage == 0:
+        return t.trainable * t.param_bytes
+    g = 2 if s.ds_half else 4
+    return t.trainable * g / (s.gpus if s.stage >= 2 else 1)
+
+
+def step_temporaries(t: Trained, s: Setup) -> float:
+    """The optimizer step's temporaries: foreach AdamW's sqrt(v) copy of every state (CUDA); the single-tensor loop
+    on CPU needs sqrt(v) and sqrt(v) / c of the largest tensor; DeepSpeed: the fp32 gradient of the partition
+    and its sqrt(v) copy."""
+    if s.stage == 0:
+        n = t.trainable if s.device == "cuda" else 2 * t.largest
+        return n * t.param_bytes
+    if s.offload:
+        return 0.0
+    return 8 * t.trainable / s.gpus if s.ds_half else 4 * t.trainable / s.gpus
+
+
+def gradient_buffers(t: Trained, s: Setup) -> tuple[str, float]:
+    """Communication buffers for gradients: DDP's buckets (a full copy), DeepSpeed ZeRO-2/3's reduce bucket."""
+    if s.stage == 0:
+        return "DDP gradient buckets", (t.trainable * t.param_bytes if s.gpus > 1 else 0.0)
+    if s.stage >= 2:
+        return "DeepSpeed reduce bucket", DS_REDUCE_BUCKET * (2 if s.ds_half else 4)
+    return "DeepSpeed reduce bucket", 0.0
+
+
+def frozen_weights(arch: Arch, dtype_bytes: int, s: Setup) -> float:
+    """A frozen model (reference, reward model, teacher) on one GPU: whole in its dtype, or a ZeRO-3
+    partitioned engine (cast to 2 bytes under bf16/fp16)."""
+    if s.stage == 3:
+        return arch.params * (2 if s.ds_half else dtype_bytes) / s.gpus
+    return arch.params * dtype_bytes
+
+
+def zero3_working_set(arch: Arch, s: Setup) -> float:
+    """Parameters ZeRO-3 gathers during a forward/backward: the current and the prefetched layer."""
+    if s.stage != 3:
+        return 0.0
+    return min(2 * arch.layer_params, DS_MAX_LIVE_PARAMETERS) * (2 if s.ds_half else s.weight_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations and logits
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_activation_bytes(arch: Arch, rows: int, seq: int, s: Setup, lora: list[tuple[str, int, int]] | None = None,
+                           lora_dropout: float = 0.0, lora_rank: int = 0, padded: bool = True) -> float:
+    """Bytes autograd saves in one Llama-style decoder layer for ``rows x seq`` tokens (training forward).
+
+    With ``t`` tokens, ``h``/``q``/``kv``/``i`` the hidden, query, key-value and MLP widths, ``r`` the weight
+    dtype bytes and ``a`` the compute dtype bytes (2 under bf16/fp16 autocast)::
+
+        2 RMSNorms   2 x (4 + r + a) h t   the float32 input (pow), the normalised input (for the norm's
+                                           weight gradient; not with LoRA: frozen norms), the weighted
+                                           output (the q/k/v and gate/up projections' input)
+                     + 2 x 4 t             rsqrt
+        attention    (2 q + 2 kv) a t      q and k after RoPE, v, the SDPA output (= o_proj's input)
+                     + 4 heads t           SDPA's log-sum-exp (float32)
+                     padded batches: repeat_kv materialises k and v at q width (2 q instead of 2 kv) and
+                     the boolean mask becomes a float mask per layer: + rows seq^2 a
+        MLP          4 i a t               gate, SiLU(gate), up, their product (= down_proj's input)
+        autocast with fp32 weights: the 2-byte copies of the layer's weights, and of the normalised
+                     inputs once per projection (q, k, v; gate, up): + 3 h a t
+        LoRA         + rank a t per adapted layer (lora_A's output), + the 2-byte copies of the fp32
+                     adapters under autocast. With lora_dropout > 0 every adapted
+                     layer saves its dropout output (a) and mask (1 byte on CUDA; on CPU a float tensor of
+                     the adapter dtype) per input feature, and the frozen projections no longer keep the
+                     shared normalised inputs and the MLP product.
+
+    Checked exactly against ``torch.autograd.graph.saved_tensors_hooks`` on CPU (docs/estimate.md).
+    """
+    t = rows * seq
+    h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    r, a = s.weight_bytes, s.compute_bytes
+    dropout = bool(lora) and lora_dropout > 0
+    norm_input = 0 if lora else r  # frozen norm weights need no copy of their input
+    norm_output = 0 if dropout else a  # with LoRA dropout only the dropped copies are kept
+    total = 2 * (4 + norm_input + norm_output) * h * t + 2 * 4 * t
+    total += (2 * q + (2 * q if padded else 2 * kv)) * a * t + 4 * arch.heads * t
+    if padded:
+        total += rows * seq * seq * a
+    total += (3 if dropout else 4) * i * a * t
+    if s.weight_bytes == 4 and a == 2:  # autocast casts the weights, and each projection casts its own input
+        total += 2 * arch.layer_params + (0 if dropout else 3 * h * a * t)
+    if lora:  # the adapted layers of one decoder layer (an average over the model's layers)
+        total += len(lora) / arch.layers * lora_rank * a * t
+        if a == 2 and not s.ds_half:  # autocast's 2-byte copies of the fp32 adapters
+            total += 2 * lora_rank * sum(d_in + d_out for _, d_in, d_out in lora) / arch.layers
+        if dropout:
+            mask = 1 if s.device == "cuda" else (2 if s.ds_half else 4)
+            total += sum(d_in for _, d_in, _ in lora) / arch.layers * (a + mask) * t
+    return float(total)
+
+
+def activation_bytes(arch: Arch, rows: int, seq: int, s: Setup, cfg: RunConfig, lora: list | None = None,
+                     padded: bool = True) -> float:
+    """Saved activations of a training forward over ``rows x seq`` tokens: every layer, or with gradient
+    checkpointing each layer's input plus one layer recomputed in backward; plus the final norm."""
+    m = cfg.model
+    dropout = 0.0 if getattr(cfg.method_args, "disable_dropout", False) else m.lora_dropout  # online methods
+    layer = layer_activation_bytes(arch, rows, seq, s, lora, dropout, m.lora_r, padded)
+    t = rows * seq
+    final_norm = (4 + s.weight_bytes + s.compute_bytes) * arch.hidden * t
+    if m.gradient_checkpointing:
+        return arch.layers * arch.hidden * t * s.weight_bytes + layer + final_norm
+    return arch.layers * layer + final_norm
+
+
+def chunk_bytes(vocab: int, rows_per_sequence: int) -> float:
+    """One float32 chunk of ``selective_log_softmax`` (about 128 MiB, at most one sequence's rows)."""
+    rows = min(max(1, LOGSOFTMAX_CHUNK_ELEMENTS // vocab), rows_per_sequence)
+    return 4.0 * rows * vocab
+
+
+def logits_workspace(kind: str, tokens: int, vocab: int, a: int, rows_per_sequence: int, *, teacher_bytes: int = 2,
+                     jsd: bool = False) -> float:
+    """Peak bytes of the logits and the loss' temporaries for ``tokens`` positions (backward of the LM head).
+
+    - ``cross_entropy`` (SFT): float32 log-softmax saved, then its gradient and the gradient of its input:
+      3 x 4 bytes per logit, after the forward's ``a`` logits + float32 copy;
+    - ``selective`` (preference, online): the logits saved in ``a``, their gradient in ``a``, and two float32
+      chunks of the chunked log-softmax;
+    - ``distill`` (KD/GKD): student (``a``) and teacher logits, their float32 copies, both log-softmaxes and the
+      element-wise KL (more for the generalised JSD), and the gradient.
+    """
+    n = float(tokens) * vocab
+    if kind == "cross_entropy":
+        forward = n * (a + (4 if a != 4 else 0) + 4)
+        return max(forward, 12 * n)
+    if kind == "selective":
+        return 2 * a * n + 2 * chunk_bytes(vocab, rows_per_sequence)
+    if kind == "distill":
+        return n * (a + teacher_bytes + 4 * (8 if jsd else 5))
+    return 0.0
+
+
+def inference_workspace(arch: Arch, rows: int, seq: int, logit_tokens: int, s: Setup, padded: bool = True) -> float:
+    """Peak transient of a forward without gradients over ``rows x seq`` tokens: the residual stream and the
+    normalised input (with the norm's float32 temporary), then the larger of attention (q, k, v, RoPE copies,
+    repeat_kv, the output) and the MLP (SiLU(gate), up, their product); the expanded mask; the kept logits and
+    two float32 chunks of the log-softmax."""
+    t = rows * seq
+    a = s.compute_bytes
+    q, kv = arch.q_dim, arch.kv_dim
+    attention = (5 * q + 2 * kv + (2 * q if padded else 0)) * a
+    mlp = 3 * arch.intermediate * a
+    layer = t * (arch.hidden * (4 + s.weight_bytes + a) + max(attention, mlp))
+    mask = rows * seq * seq * a if padded else 0
+    logits = logit_tokens * arch.vocab * a + (2 * chunk_bytes(arch.vocab, seq) if logit_tokens else 0)
+    return float(layer + mask + logits)
+
+
+def kv_cache_bytes(arch: Arch, sequences: int, length: int, a: int) -> float:
+    """The generation KV cache: sequences x length x layers x 2 (k, v) x kv_heads x head_dim x dtype bytes."""
+    return float(sequences) * length * arch.layers * 2 * arch.kv_heads * arch.head_dim * a
+
+
+# --------------------------------------------------------------------------------------------------
+# The result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """Per-GPU memory by phase; ``per_gpu_peak_gb`` includes the CUDA/allocator allowance."""
+
+    method: str
+    gpus: int
+    gpu_memory_gb: float
+    device: str
+    setup: str
+    models: dict[str, str]  # role -> one line (name, parameters, placement)
+    phases: dict[str, dict[str, float]]  # phase -> part -> bytes
+    assumptions: list[str]
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def phase_totals(self) -> dict[str, float]:
+        return {name: sum(parts.values()) / GIB for name, parts in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        totals = self.phase_totals
+        return max(totals, key=totals.get)
+
+    @property
+    def tensor_peak_gb(self) -> float:
+        return max(self.phase_totals.values())
+
+    @property
+    def allowance_gb(self) -> float:
+        return 0.0 if self.device == "cpu" else CONTEXT_GIB + FRAGMENTATION * self.tensor_peak_gb
+
+    @property
+    def per_gpu_peak_gb(self) -> float:
+        return self.tensor_peak_gb + self.allowance_gb
+
+    @property
+    def fits(self) -> bool:
+        return self.per_gpu_peak_gb <= self.gpu_memory_gb
+
+    def verdict(self) -> str:
+        peak, mem = self.per_gpu_peak_gb, self.gpu_memory_gb
+        where = f"{_gib(peak)} per GPU ({self.peak_phase}) of {_gib(mem)}"
+        if self.fits:
+            return f"fits: {where}, {_gib(mem - peak)} to spare."
+        line = f"does not fit: {where}, {_gib(peak - mem)} over."
+        fixes = [sg for sg in self.suggestions if sg["fits"]]
+        if fixes:
+            line += f" It fits with --set {' --set '.join(fixes[0]['set'])} ({_gib(fixes[0]['peak_gb'])})."
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "gpus": self.gpus, "gpu_memory_gb": round(self.gpu_memory_gb, 3),
+            "device": self.device, "setup": self.setup,
+            "per_gpu_peak_gb": round(self.per_gpu_peak_gb, 3), "tensor_peak_gb": round(self.tensor_peak_gb, 3),
+            "allowance_gb": round(self.allowance_gb, 3), "fits": self.fits, "peak_phase": self.peak_phase,
+            "phases": {k: round(v, 3) for k, v in self.phase_totals.items()},
+            "breakdown": {p: {k: round(v / GIB, 4) for k, v in parts.items()} for p, parts in self.phases.items()},
+            "models": self.models, "assumptions": self.assumptions, "suggestions": self.suggestions,
+            "verdict": self.verdict(),
+        }
+
+    def table(self) -> str:
+        names = list(self.phases)
+        unit, scale = ("GiB", GIB) if self.tensor_peak_gb >= 1 else ("MiB", 2**20)
+        rows: list[str] = []
+        for parts in self.phases.values():
+            rows += [k for k in parts if k not in rows]
+        width = max(len(r) for r in rows + ["per-GPU peak (with allowance)"]) + 2
+        col = max(10, max(len(n) for n in names) + 2)
+        out = [f"alignkit estimate {self.method}: {self.gpus} GPU(s) x {self.gpu_memory_gb:.1f} GiB, {self.setup}"]
+        out += [f"  {role}: {line}" for role, line in self.models.items()]
+        out.append("")
+        out.append(" " * width + "".join(f"{n:>{col}}" for n in names) + f"   ({unit} per GPU)")
+        for r in rows:
+            cells = [self.phases[n].get(r) for n in names]
+            if all(c is None or c == 0 for c in cells):
+                continue
+            out.append(f"{r:<{width}}" + "".join(f"{'-' if c is None else f'{c / scale:.2f}':>{col}}" for c in cells))
+        totals = {n: sum(parts.values()) / scale for n, parts in self.phases.items()}
+        out.append(f"{'total (tensors)':<{width}}" + "".join(f"{totals[n]:>{col}.2f}" for n in names))
+        if self.allowance_gb:
+            out.append(f"{'+ CUDA context and allocator':<{width}}{self.allowance_gb * GIB / scale:>{col}.2f}")
+        peak = self.per_gpu_peak_gb * GIB / scale
+        out.append(f"{'per-GPU peak (with allowance)':<{width}}{peak:>{col}.2f}  ({self.peak_phase})")
+        out.append("")
+        out += [f"assumes: {a}" for a in self.assumptions]
+        if self.suggestions:
+            out.append("")
+            out.append("suggestions (each re-estimated with the change):")
+            for sg in self.suggestions:
+                flag = "  fits" if sg["fits"] else ""
+                sets = " ".join(f"--set {x}" for x in sg["set"])
+                out.append(f"  {sets:<72} -{sg['saves_gb']:.2f} GiB -> {sg['peak_gb']:.2f} GiB{flag}")
+        out.append("")
+        out.append(self.verdict())
+        return "\n".join(out)
+
+
+def _gib(x: float) -> str:
+    return f"{x:.1f} GiB" if x >= 10 else f"{x:.2f} GiB"
+
+
+# --------------------------------------------------------------------------------------------------
+# The phases of each method
+# --------------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Collects what is resident (every phase) and what each phase adds."""
+
+    def __init__(self, gpu_memory_gb: float) -> None:
+        self.gpu_memory_gb = gpu_memory_gb
+        self.resident: dict[str, float] = {}
+        self.phases: dict[str, dict[str, float]] = {}
+        self.models: dict[str, str] = {}
+        self.assumptions: list[str] = []
+
+    def keep(self, part: str, nbytes: float) -> None:
+        self.resident[part] = self.resident.get(part, 0.0) + nbytes
+
+    def phase(self, name: str, parts: dict[str, float], resident: dict[str, float] | None = None) -> None:
+        base = dict(self.resident if resident is None else resident)
+        for k, v in parts.items():
+            base[k] = base.get(k, 0.0) + v
+        self.phases[name] = base
+
+
+def _describe(arch: Arch, how: str) -> str:
+    size = f"{arch.params / 1e9:.2f}B" if arch.params >= 1e9 else f"{arch.params / 1e6:.2f}M"
+    return f"{arch.name} ({size} params, {arch.layers} layers, vocab {arch.vocab}): {how}"
+
+
+def _policy_line(arch: Arch, cfg: RunConfig, t: Trained, s: Setup) -> str:
+    m = cfg.model
+    how = {"full": "full fine-tuning", "lora": f"LoRA r={m.lora_r}", "qlora": f"QLoRA (NF4) + LoRA r={m.lora_r}"}
+    where = f", ZeRO-3 partitioned over {s.gpus}" if s.stage == 3 else ""
+    return _describe(arch, f"{how[m.finetune]}, {t.trainable / 1e6:.2f}M trainable{where}")
+
+
+def _frozen_line(arch: Arch, dtype_bytes: int, s: Setup) -> str:
+    if s.stage == 3:
+        return _describe(arch, f"frozen, a ZeRO-3 partitioned engine ({frozen_weights(arch, dtype_bytes, s) / GIB:.2f} "
+                               "GiB per GPU)")
+    return _describe(arch, f"frozen copy, {'bf16' if dtype_bytes == 2 else 'fp32'}")
+
+
+def _train_phase(plan: _Plan, t: Trained, s: Setup, arch: Arch, acts: float, logits: float, head_grad: float,
+                 accumulation: int, extra: dict[str, float] | None = None) -> None:
+    """Forward/backward and optimizer-step phases of a trained model.
+
+    Backward frees activations layer by layer while gradients appear, so (one process, one micro-batch per
+    update) the peak is the larger of its start (every activation, the logits' backward, the head's gradient)
+    and its end (every gradient). With accumulation or ZeRO the gradients are there from the start.
+    """
+    grads = gradient_bytes(t, s)
+    bucket_name, bucket = gradient_buffers(t, s)
+    work = zero3_working_set(arch, s)
+    parts = dict(extra or {})
+    start = {"activations": acts, "logits and loss temporaries": logits, "gradients": grads}
+    if s.stage == 0 and accumulation == 1:
+        start["gradients"] = min(head_grad, grads)
+        end = {"activations": acts / arch.layers, "gradients": grads}
+        parts.update(start if sum(start.values()) >= sum(end.values()) else end)
+    else:
+        parts.update(start)
+    if bucket and s.stage >= 2:  # DDP's buckets are resident (allocated with the DDP wrapper)
+        parts[bucket_name] = bucket
+    if work:
+        parts["ZeRO-3 gathered layers"] = work
+    plan.phase("train", parts)
+    plan.phase("optimizer", {"gradients": grads, "optimizer step temporaries": step_temporaries(t, s)})
+
+
+def _reference(plan: _Plan, cfg: RunConfig, s: Setup, policy_arch: Arch, overrides: dict[str, str | None]) -> Arch | None:
+    """Place the reference: the adapter-off policy (free), or a frozen copy of ``ref_model`` / the policy."""
+    ref_name = getattr(cfg.method_args, "ref_model", None)
+    if not ref_name and cfg.model.finetune in ("lora", "qlora"):
+        plan.models["reference"] = "the policy with its LoRA adapter off (no extra weights)"
+        return None
+    arch = policy_arch if not ref_name else arch_of(ref_name, key=f"{cfg.method}.ref_model",
+                                                    config_override=overrides.get("ref"))
+    plan.keep("reference model", frozen_weights(arch, s.weight_bytes, s))
+    plan.models["reference"] = _frozen_line(arch, s.weight_bytes, s)
+    return arch
+
+
+def _offline(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | None]) -> None:
+    method, m, t = cfg.method, cfg.model, cfg.training
+    task = "seq_cls" if method == "rm" else "causal_lm"
+    arch = arch_of(m.name_or_path, task, gguf_file=m.gguf_file, config_override=overrides.get("policy"))
+    trained = trained_model(arch, cfg, s)
+    plan.models["policy" if method != "rm" else "reward model (trained)"] = _policy_line(arch, cfg, trained, s)
+    plan.keep("policy weights", trained.weights)
+    for k, v in optimizer_states(trained, s).items():
+        plan.keep(k, v)
+    bucket_name, bucket = gradient_buffers(trained, s)
+    if s.stage == 0 and bucket:
+        plan.keep(bucket_name, bucket)
+    b, seq = t.per_device_batch_size, cfg.data.max_length
+    rows, logit_kind, teacher_bytes = b, "cross_entropy", 2
+    if method in PREFERENCE or (method == "rm" and cfg.method_args.objective == "pairwise"):
+        rows = 2 * b
+    if method in PREFERENCE or method == "kto":
+        logit_kind = "selective"
+    if method == "rm":
+        logit_kind = "none"
+    reference = _reference(plan, cfg, s, arch, overrides) if method in ("dpo", "kto") else None
+    if method in ("kd", "gkd"):
+        args = cfg.method_args
+        teacher_bytes = _DTYPE_BYTES.get((args.teacher_dtype or "").lower(), s.weight_bytes)
+        teacher = arch_of(args.teacher, key=f"{method}.teacher", config_override=overrides.get("teacher"))
+        plan.keep("teacher", frozen_weights(teacher, teacher_bytes, s))
+        plan.models["teacher"] = _frozen_line(teacher, teacher_bytes, s)
+        logit_kind = "distill"
+    lora = trained.lora if m.finetune != "full" else None
+    acts = activation_bytes(arch, rows, seq, s, cfg, lora)
+    logits = logits_workspace(logit_kind, rows * seq, arch.vocab, s.compute_bytes, seq, teacher_bytes=teacher_bytes,
+                              jsd=method == "gkd" or getattr(cfg.method_args, "divergence", "") == "jsd")
+    head_grad = (arch.head_params or arch.vocab * arch.hidden) * trained.param_bytes if m.finetune == "full" else 0
+    extra = {}
+    if method == "gkd":  # on-policy batches: the student generates its completions first
+        args = cfg.method_args
+        gen_len = seq + args.generation.max_new_tokens
+        plan.phase("rollout", {"generation KV cache": kv_cache_bytes(arch, b, gen_len, s.compute_bytes),
+                               "generation forward": inference_workspace(arch, b, seq, b, s)})
+    if method == "dpo" and cfg.method_args.precompute_ref_logps is True and reference is not None:
+        ref_bytes = plan.resident.pop("reference model")
+        plan.phase("reference precompute", {"reference model": ref_bytes,
+                                            "reference forward": inference_workspace(reference, rows, seq, rows * seq, s)})
+        plan.models["reference"] += "; freed after precomputing the log-probs"
+    _train_phase(plan, trained, s, arch, acts, logits, head_grad, t.gradient_accumulation_steps, extra)
+    plan.assumptions.append(f"every micro-batch is {rows} rows x {seq} tokens (data.max_length), padded, with "
+                            "logits at every position")
+
+
+def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | None]) -> None:
+    method, m, t, args = cfg.method, cfg.model, cfg.training, cfg.method_args
+    g = args.generation
+    arch = arch_of(m.name_or_path, gguf_file=m.gguf_file, config_override=overrides.get("policy"))
+    policy = trained_model(arch, cfg, s)
+    plan.models["policy"] = _policy_line(arch, cfg, policy, s)
+    plan.keep("policy weights", policy.weights)
+    trained, critic_arch = policy, None
+    if method == "ppo":
+        critic_source = args.reward.model if args.critic_init == "reward_model" else m.name_or_path
+        critic_arch = arch_of(critic_source, "seq_cls", key="ppo critic",
+                              config_override=overrides.get("reward" if args.critic_init == "reward_model" else "policy"))
+        critic = trained_model(critic_arch, cfg, s)
+        plan.keep("critic weights", critic.weights)
+        plan.models["critic"] = _policy_line(critic_arch, cfg, critic, s) + " (trained with the policy)"
+        trained = Trained(weights=policy.weights + critic.weights, trainable=policy.trainable + critic.trainable,
+                          param_bytes=policy.param_bytes, largest=max(policy.largest, critic.largest),
+                          layer_params=policy.layer_params, lora=policy.lora)
+    for k, v in optimizer_states(trained, s).items():
+        plan.keep(k, v)
+    bucket_name, bucket = gradient_buffers(trained, s)
+    if s.stage == 0 and bucket:
+        plan.keep(bucket_name, bucket)
+    if args.uses_reference:
+        _reference(plan, cfg, s, arch, overrides)
+    reward_arch = None
+    if args.reward.model:
+        reward_arch = arch_of(args.reward.model, "seq_cls", key=f"{method}.reward.model",
+                              config_override=overrides.get("reward"))
+        plan.keep("reward model", frozen_weights(reward_arch, s.weight_bytes, s))
+        plan.models["reward model"] = _frozen_line(reward_arch, s.weight_bytes, s)
+    vllm = g.sampler == "vllm"
+    if vllm:
+        plan.keep("vLLM (weights + KV cache)", g.vllm_gpu_memory_utilization * _gpu_bytes(plan))
+    # lengths and batches
+    prompt = min(cfg.data.max_length, cfg.data.max_prompt_length or cfg.data.max_length)
+    response = g.max_new_tokens
+    seq = prompt + response
+    sequences = args.rollout_batch_size * g.num_samples
+    gen_batch = g.batch_size or sequences
+    b = t.per_device_batch_size
+    a = s.compute_bytes
+    # rollout
+    rollout: dict[str, float] = {}
+    if vllm:
+        if m.finetune != "full":  # LoRA sync: merged copies of the adapted weights
+            rollout["vLLM weight sync (merged LoRA copies)"] = sum(i * o for _, i, o in policy.lora) * a
+        if s.stage == 3:
+            rollout["ZeRO-3 gathered policy"] = policy.full if m.finetune != "full" else arch.largest * a
+    else:
+        rollout["generation KV cache"] = kv_cache_bytes(arch, gen_batch, seq, a)
+        rollout["generation forward"] = inference_workspace(arch, gen_batch, prompt, gen_batch, s) + 3 * 4 * gen_batch * arch.vocab
+        if s.stage == 3:  # the sampler gathers the whole trained module (PPO: policy and critic)
+            gathered = policy.full + (critic.full if critic_arch is not None else 0.0)
+            rollout["ZeRO-3 gathered policy"] = gathered if g.zero3_gather else zero3_working_set(arch, s)
+    plan.phase("rollout", rollout)
+    # scoring without gradients: old log-probs (+ values), reference, reward model
+    scoring = {"policy forward (no grad)": inference_workspace(arch, b, seq, b * (response + 1), s)}
+    if reward_arch is not None:
+        rm_rows = min(args.reward.model_batch_size, sequences)
+        scoring["reward model forward"] = inference_workspace(reward_arch, rm_rows, seq, 0, s) + zero3_working_set(reward_arch, s)
+    plan.phase("scoring", scoring)
+    # training on minibatches
+    lora = policy.lora if m.finetune != "full" else None
+    acts = activation_bytes(arch, b, seq, s, cfg, lora)
+    if critic_arch is not None:
+        acts += activation_bytes(critic_arch, b, seq, s, cfg, lora)
+    logits = logits_workspace("selective", b * (response + 1), arch.vocab, a, response + 1)
+    logits += 3 * 4.0 * min(ENTROPY_CHUNK_ROWS, b * response) * arch.vocab  # entropy, chunked, no grad
+    head_grad = (arch.head_params or arch.vocab * arch.hidden) * trained.param_bytes if m.finetune == "full" else 0
+    _train_phase(plan, trained, s, arch, acts, logits, head_grad, t.gradient_accumulation_steps)
+    plan.assumptions.append(f"prompts of {prompt} tokens (data.max_prompt_length, else data.max_length), responses "
+                            f"of {response} (generation.max_new_tokens), {gen_batch} sequences per generate call")
+
+
+def _sampling_then_sft(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | None]) -> None:
+    """rejection_sampling (policy + reward sources sample, then optional SFT) and seqkd (the teacher samples,
+    then the student is trained with SFT)."""
+    method, m, args = cfg.method, cfg.model, cfg.method_args
+    g = args.generation
+    if method == "seqkd":
+        sampler_arch = arch_of(args.teacher, key="seqkd.teacher", config_override=overrides.get("teacher"))
+        dtype_bytes = _DTYPE_BYTES.get((args.teacher_dtype or "").lower(), s.weight_bytes)
+        plan.models["teacher"] = _frozen_line(sampler_arch, dtype_bytes, s)
+    else:
+        sampler_arch = arch_of(m.name_or_path, gguf_file=m.gguf_file, config_override=overrides.get("policy"))
+        dtype_bytes = s.weight_bytes
+        plan.models["sampling policy"] = _frozen_line(sampler_arch, dtype_bytes, s)
+    prompt = min(cfg.data.max_length, cfg.data.max_prompt_length or cfg.data.max_length)
+    sequences = args.sampling_batch_size * g.num_samples
+    gen_batch = g.batch_size or sequences
+    sampling = {"sampling model": frozen_weights(sampler_arch, dtype_bytes, s),
+                "generation KV cache": kv_cache_bytes(sampler_arch, gen_batch, prompt + g.max_new_tokens, s.compute_bytes),
+                "generation forward": inference_workspace(sampler_arch, gen_batch, prompt, gen_batch, s)}
+    if s.stage == 3:
+        sampling["ZeRO-3 gathered model"] = sampler_arch.params * 2
+    if method == "rejection_sampling" and args.reward.model:
+        rm = arch_of(args.reward.model, "seq_cls", key="rejection_sampling.reward.model",
+                     config_override=overrides.get("reward"))
+        sampling["reward model"] = frozen_weights(rm, s.weight_bytes, s)
+        plan.models["reward model"] = _frozen_line(rm, s.weight_bytes, s)
+    if g.sampler == "vllm":
+        sampling = {"vLLM (weights + KV cache)": g.vllm_gpu_memory_utilization * _gpu_bytes(plan),
+                    **{k: v for k, v in sampling.items() if k in ("reward model",)}}
+    plan.phase("sampling", sampling, resident={})
+    plan.assumptions.append(f"prompts of {prompt} tokens, {g.max_new_tokens} new tokens, {gen_batch} sequences "
+                            "per generate call")
+    if method == "rejection_sampling" and not args.train_sft:
+        return
+    sft_cfg = dataclasses.replace(cfg, method="sft")
+    if method == "seqkd" and args.eval_kl_to_teacher:
+        plan.keep("teacher (eval KL)", frozen_weights(sampler_arch, dtype_bytes, s))
+    _offline(plan, sft_cfg, s, overrides)
+
+
+def _gpu_bytes(plan: _Plan) -> float:
+    return plan.gpu_memory_gb * GIB
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate and its suggestions
+# --------------------------------------------------------------------------------------------------
+
+
+def estimate(cfg: RunConfig, gpus: int | None = None, gpu_memory_gb: float | None = None, *, device: str = "cuda",
+             model_config: str | None = None, suggest: bool = True) -> Estimate:
+    """Per-GPU memory of ``cfg`` on ``gpus`` GPUs (default: ``training.num_processes``) of ``gpu_memory_gb`` GiB.
+
+    ``device="cpu"`` models a CPU run instead (auto dtypes -> fp32, no autocast, no CUDA allowance): the
+    configuration the CPU measurements in docs/estimate.md use. ``model_config`` (a config.json path, folder
+    or preset) replaces the policy's config. ``suggest`` adds ranked config changes, each re-estimated.
+    """
+    if device not in ("cuda", "cpu"):
+        raise EstimateError(f"device={device!r}: use cuda or cpu.")
+    gpus = gpus or cfg.training.num_processes
+    if gpus < 1:
+        raise EstimateError(f"--gpus {gpus}: give at least 1.")
+    if gpu_memory_gb is None:
+        gpu_memory_gb = _local_gpu_memory()
+    s = setup_of(cfg, gpus, device)
+    plan = _Plan(gpu_memory_gb)
+    overrides = {"policy": model_config}
+    if cfg.method in ONLINE:
+        _online(plan, cfg, s, overrides)
+    elif cfg.method in ("seqkd", "rejection_sampling"):
+        _sampling_then_sft(plan, cfg, s, overrides)
+    else:
+        _offline(plan, cfg, s, overrides)
+    if cfg.model.dtype == "auto":
+        plan.assumptions.append(f"model.dtype auto = {'bf16 (a bf16 GPU)' if device == 'cuda' else 'fp32 (CPU)'}")
+    result = Estimate(method=cfg.method, gpus=gpus, gpu_memory_gb=gpu_memory_gb, device=device, setup=s.label,
+                      models=plan.models, phases=plan.phases, assumptions=plan.assumptions)
+    if suggest:
+        result.suggestions = suggestions(cfg, result, model_config=model_config)
+    return result
+
+
+def _local_gpu_memory() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    raise EstimateError("give the memory of one GPU, e.g. --gpu-memory 40GB (there is no GPU here to read it from).")
+
+
+def candidate_changes(cfg: RunConfig, gpus: int, device: str) -> list[list[str]]:
+    """Config changes that can lower the peak, as ``--set`` overrides (one or two that belong together)."""
+    m, t, args = cfg.model, cfg.training, cfg.method_args
+    out: list[list[str]] = []
+    if not m.gradient_checkpointing:
+        out.append(["model.gradient_checkpointing=true"])
+    if m.finetune == "full":
+        out.append(["model.finetune=lora"])
+    if m.finetune != "qlora" and device == "cuda":
+        out.append(["model.finetune=qlora"])
+    stage = int(t.deepspeed[-1]) if t.deepspeed in ("zero1", "zero2", "zero3") else 0
+    if not t.deepspeed or stage:
+        for higher in range(max(stage + 1, 2 if gpus > 1 else 3), 4):
+            out.append([f"training.deepspeed=zero{higher}"])
+        if stage >= 2 and not t.zero_offload:
+            out.append(["training.zero_offload=true"])
+        if stage < 2:
+            out.append(["training.deepspeed=zero3", "training.zero_offload=true"])
+    if t.per_device_batch_size > 1:
+        half = t.per_device_batch_size // 2
+        accumulation = t.gradient_accumulation_steps * t.per_device_batch_size // half
+        out.append([f"training.per_device_batch_size={half}", f"training.gradient_accumulation_steps={accumulation}"])
+    if cfg.method in ONLINE or cfg.method in ("seqkd", "rejection_sampling", "gkd"):
+        g = args.generation
+        sequences = (getattr(args, "rollout_batch_size", 0) or getattr(args, "sampling_batch_size", 0) or
+                     t.per_device_batch_size) * g.num_samples
+        current = g.batch_size or sequences
+        if g.sampler == "hf" and current > 1:
+            out.append([f"{cfg.method}.generation.batch_size={max(1, current // 2)}"])
+        if g.sampler == "vllm" and g.vllm_gpu_memory_utilization > 0.1:
+            out.append([f"{cfg.method}.generation.vllm_gpu_memory_utilization="
+                        f"{round(g.vllm_gpu_memory_utilization / 2, 2)}"])
+        if stage == 3 and g.zero3_gather and g.sampler == "hf":
+            out.append([f"{cfg.method}.generation.zero3_gather=false"])
+        if g.max_new_tokens > 16:
+            out.append([f"{cfg.method}.generation.max_new_tokens={g.max_new_tokens // 2}"])
+    if cfg.method == "dpo" and m.finetune == "full" and args.precompute_ref_logps is not True:
+        out.append(["dpo.precompute_ref_logps=true"])
+    if cfg.data.max_length > 64:
+        out.append([f"data.max_length={cfg.data.max_length // 2}"])
+    return out
+
+
+def suggestions(cfg: RunConfig, base: Estimate, *, model_config: str | None = None) -> list[dict[str, Any]]:
+    """Every candidate change that lowers the peak, re-estimated with the change applied through
+    :func:`alignkit.config.build_config`, ranked by the memory it saves."""
+    from alignkit.config import build_config as build
+    from alignkit.methods import config_class
+
+    raw = cfg.to_dict()
+    raw.pop("method")
+    found = []
+    for change in candidate_changes(cfg, base.gpus, base.device):
+        try:
+            # a deep copy: build_config's overrides write into the nested sections of the dict they get
+            changed = build(cfg.method, config_class(cfg.method), copy.deepcopy(raw), change)
+            new = estimate(changed, base.gpus, base.gpu_memory_gb, device=base.device, model_config=model_config,
+                           suggest=False)
+        except AlignkitError:
+            continue  # the change is not valid for this run (e.g. a batch that no longer divides the rollout)
+        saves = base.per_gpu_peak_gb - new.per_gpu_peak_gb
+        if saves > 0.005:
+            found.append({"set": change, "saves_gb": round(saves, 3), "peak_gb": round(new.per_gpu_peak_gb, 3),
+                          "fits": new.fits, "note": _NOTES.get(change[0].split("=")[0].split(".")[-1], "")})
+    return sorted(found, key=lambda x: -x["saves_gb"])
+
+
+_NOTES = {
+    "gradient_checkpointing": "recomputes activations in backward (~30% slower)",
+    "finetune": "trains adapters instead of all weights",
+    "deepspeed": "partitions optimizer state (ZeRO-1), gradients (ZeRO-2) and weights (ZeRO-3) over the GPUs",
+    "zero_offload": "keeps optimizer state (and ZeRO-3 weights) in CPU memory; slower steps",
+    "per_device_batch_size": "same global batch, more accumulation steps",
+    "batch_size": "generates the rollout in smaller chunks",
+    "vllm_gpu_memory_utilization": "a smaller vLLM KV cache (fewer sequences in flight)",
+    "zero3_gather": "generates with per-layer gathers (slow) instead of gathering the whole policy",
+    "max_new_tokens": "shorter responses",
+    "precompute_ref_logps": "scores the data with the reference once, then frees it",
+    "max_length": "truncates longer rows",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_gib(value: str) -> float:
+    """``40GB``, ``40G``, ``40GiB``, ``40960MiB``, ``40`` (GiB) -> GiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    units = {"": 1, "g": 1, "gb": 1, "gib": 1, "m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024, "t": 1024, "tb": 1024,
+             "tib": 1024}
+    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
+        raise EstimateError(f"--gpu-memory {value!r}: give the memory of one GPU, e.g. 40GB, 80GB or 24576MiB.")
+    return float(match.group(1)) * units[match.group(2).lower()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from alignkit.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="alignkit estimate",
+        description="Estimate the per-GPU memory of a run from its config (no weights are loaded) and suggest "
+                    "changes that make it fit. Sizes are GiB.")
+    parser.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
+    parser.add_argument("config", nargs="?", help="YAML config file (optional, as for alignkit train)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable), as for alignkit train")
+    parser.add_argument("--gpus", type=int, help="GPUs = training processes (default: training.num_processes)")
+    parser.add_argument("--gpu-memory", help="memory of one GPU, e.g. 40GB (default: this machine's GPU)")
+    parser.add_argument("--deepspeed", help="zero1, zero2, zero3 or a DeepSpeed JSON file")
+    parser.add_argument("--model-config", help="the policy's config.json (a file, a folder or a preset: "
+                                               f"{', '.join(PRESETS)}) instead of model.name_or_path's")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (default) or cpu: model a CPU run (fp32, no autocast), as the measurements do")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--no-suggestions", action="store_true", help="skip the re-estimated suggestions")
+    return parser
+
+
+def estimate_main(argv: list[str]) -> int:
+    """``alignkit estimate ...`` (argv: the words after ``estimate``); expected errors raise AlignkitError."""
+    from alignkit.api import load_config
+
+    args = build_parser().parse_args(argv)
+    gpu_memory = parse_gib(args.gpu_memory) if args.gpu_memory else None
+    overrides = list(args.overrides)
+    if args.deepspeed:
+        overrides.append(f"training.deepspeed={args.deepspeed}")
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise EstimateError(f"--gpus {args.gpus}: give at least 1.")
+        overrides.append(f"training.num_processes={args.gpus}")
+    cfg = load_config(args.method, args.config, overrides)
+    result = estimate(cfg, args.gpus, gpu_memory, device=args.device, model_config=args.model_config,
+                      suggest=not args.no_suggestions)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(estimate_main(sys.argv[1:]))
