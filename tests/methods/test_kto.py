@@ -100,3 +100,16 @@ def test_kto_config_errors():
     build_config("kto", {"training": {"per_device_batch_size": 1}, "kto": {"reference_point": False}})
     with pytest.raises(ConfigError, match="kto.beta"):
         build_config("kto", {"kto": {"beta": -1}})
+
+
+def test_padding_free_and_chunked_logps_train_identically(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pref.jsonl", preference_records(16))
+    for name, on in (("off", "false"), ("on", "true")):
+        train("kto", tiny_model_dir, data, tmp_path / name, max_steps=4, learning_rate=2e-3,
+              overrides=[f"kto.padding_free={on}", f"kto.chunked_logps={on}"])
+    off, off_eval = metrics(tmp_path / "off")
+    on, on_eval = metrics(tmp_path / "on")
+    for step in off:
+        for key in ("loss", "kl", "rewards/margins", "logps/chosen", "logits/rejected"):
+            assert on[step][key] == pytest.approx(off[step][key], rel=1e-4, abs=1e-5), (step, key)
+    assert on_eval["eval/loss"] == pytest.approx(off_eval["eval/loss"], rel=1e-4, abs=1e-5)

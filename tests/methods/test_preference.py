@@ -14,7 +14,7 @@ import yaml
 
 from alignkit import build_config
 from alignkit.config import ConfigError
-from alignkit.forward import completion_logps
+from alignkit.forward import BatchLayout, completion_logps
 from alignkit.methods.preference import DPOConfig, PreferenceMethod
 from alignkit.reference import Reference
 
@@ -211,3 +211,68 @@ def test_dpo_zero3_two_processes_trains_and_saves(tmp_path, tiny_model_dir, pref
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert len(changed) == len(base.state_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed and memory switches: identical training, the layouts they pick, the reference precompute decision
+# --------------------------------------------------------------------------------------------------
+
+ALL_OFF = ["padding_free=false", "shared_prompt=false", "chunked_logps=false"]
+ALL_ON = ["padding_free=true", "shared_prompt=true", "chunked_logps=true"]
+
+
+@pytest.mark.parametrize("method", ["dpo", "simpo"])
+def test_padding_free_shared_prompt_and_chunked_logps_train_identically(tmp_path, tiny_model_dir, pref_file, method):
+    log = logging.getLogger("alignkit")
+    handler, level = _Capture(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # api.setup_logging leaves a logger that already has a handler as it is
+    try:
+        for name, switches in (("off", ALL_OFF), ("on", ALL_ON)):
+            live = ["dpo.precompute_ref_logps=false"] if method == "dpo" else []
+            train(method, tiny_model_dir, pref_file, tmp_path / name, max_steps=4,
+                  overrides=[f"{method}.{s}" for s in switches] + live)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert any("padded rows" in m for m in handler.messages)
+    assert any("padding-free (packed rows), shared prompt: always" in m for m in handler.messages)
+    off, off_eval = metrics(tmp_path / "off")
+    on, on_eval = metrics(tmp_path / "on")
+    for step in off:
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen"):
+            assert on[step][key] == pytest.approx(off[step][key], rel=1e-4, abs=1e-5), (step, key)
+    assert on_eval["eval/loss"] == pytest.approx(off_eval["eval/loss"], rel=1e-4, abs=1e-5)
+    assert on[4]["rewards/margins"] > on[1]["rewards/margins"]
+
+
+def test_collate_follows_the_layout():
+    rows = _rows()
+    packed = PreferenceMethod("dpo", DPOConfig(), 0, layout=BatchLayout(packed=True)).collate(rows)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (3, 7)  # 7 | 5+2 | 4 (+3 pad)
+    assert packed["sequence_tokens"].tolist() == [2, 3, 4, 1]
+    shared = PreferenceMethod("dpo", DPOConfig(), 0, layout=BatchLayout(shared_prompt="always")).collate(rows)
+    assert shared["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 14, 15, 16, 17, 0, 0, 0, 0]]
+    assert shared["attention_mask"].shape == (2, 1, 9, 9)
+    method = PreferenceMethod("dpo", DPOConfig(), 0)
+    assert method.count_items(shared) == 2 and method.count_tokens(shared) == 14  # each prompt counted once
+
+
+class _OneProcess:
+    num_processes = 1
+    state = None
+
+
+@pytest.mark.parametrize("max_steps, expected", [(-1, True), (6, True), (1, False)])
+def test_precompute_ref_logps_auto_when_the_run_visits_every_row(max_steps, expected):
+    from alignkit.methods.preference import _precompute_reference
+
+    cfg = build_config("dpo", {"training": {"max_steps": max_steps, "per_device_batch_size": 4}})
+    assert cfg.method_args.precompute_ref_logps == "auto"
+    assert _precompute_reference(cfg, _OneProcess(), Reference(), n_train=20) is expected
+    cfg = build_config("dpo", {"training": {"max_steps": 1}, "dpo": {"precompute_ref_logps": True}})
+    assert _precompute_reference(cfg, _OneProcess(), Reference(), n_train=20) is True
+    with pytest.raises(ConfigError, match="precompute_ref_logps='always': use auto, true or false"):
+        build_config("dpo", {"dpo": {"precompute_ref_logps": "always"}})
+    with pytest.raises(ConfigError, match="shared_prompt='sometimes'"):
+        build_config("simpo", {"simpo": {"shared_prompt": "sometimes"}})

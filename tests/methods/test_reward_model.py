@@ -126,3 +126,23 @@ def test_pairwise_margin_field_is_scaled_and_used():
 def test_rm_config_errors():
     with pytest.raises(ConfigError, match="rm.objective='pointwise'.*pairwise, regression"):
         build_config("rm", {"rm": {"objective": "pointwise"}})
+
+
+def test_padding_free_rm_trains_identically_and_reads_the_score_where_transformers_does(tmp_path, tiny_model_dir,
+                                                                                      pref_file):
+    for name, on in (("off", "false"), ("on", "true")):
+        train("rm", tiny_model_dir, pref_file, tmp_path / name, max_steps=4, overrides=[f"rm.padding_free={on}"])
+    off, off_eval = metrics(tmp_path / "off")
+    on, on_eval = metrics(tmp_path / "on")
+    for step in off:
+        for key in ("loss", "rewards/margins", "rewards/chosen"):
+            assert on[step][key] == pytest.approx(off[step][key], rel=1e-4, abs=1e-5), (step, key)
+    assert on_eval["eval/loss"] == pytest.approx(off_eval["eval/loss"], rel=1e-4, abs=1e-5)
+
+    # pad = eos in this tokenizer: transformers' classifier reads the last non-pad token, before the final eos
+    from alignkit.forward import BatchLayout
+
+    method = RewardMethod("pairwise", RewardModelFraming(pad_token_id=2), layout=BatchLayout(packed=True))
+    batch = method.collate([{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2]}])
+    flat = batch["input_ids"].reshape(-1)
+    assert flat[batch["last_positions"]].tolist() == [7, 9]
