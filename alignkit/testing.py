@@ -65,7 +65,9 @@ def tiny_tokenizer(vocab_size: int = 512, with_pad: bool = True, with_template: 
     return tok
 
 
-def tiny_llama(tokenizer=None, hidden: int = 64, layers: int = 2, seed: int = 0):
+def tiny_llama(tokenizer=None, hidden: int = 64, layers: int = 2, seed: int = 0, heads: int = 4, kv_heads: int = 2):
+    """A random Llama. ``heads=2, kv_heads=1`` gives head_dim 32 with the same weight shapes: vLLM's CPU
+    attention needs a head size of at least 32 (the default 4 heads give 16)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,8 +77,8 @@ def tiny_llama(tokenizer=None, hidden: int = 64, layers: int = 2, seed: int = 0)
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -90,11 +92,12 @@ def tiny_llama(tokenizer=None, hidden: int = 64, layers: int = 2, seed: int = 0)
     return LlamaForCausalLM(config)
 
 
-def save_tiny_llama(path: str | Path, seed: int = 0, with_pad: bool = True, with_template: bool = True) -> Path:
-    """Write a tiny Llama + tokenizer as a normal HF folder and return its path."""
+def save_tiny_llama(path: str | Path, seed: int = 0, with_pad: bool = True, with_template: bool = True,
+                    heads: int = 4, kv_heads: int = 2) -> Path:
+    """Write a tiny Llama + tokenizer as a normal HF folder and return its path (heads: see tiny_llama)."""
     path = Path(path)
     tok = tiny_tokenizer(with_pad=with_pad, with_template=with_template)
-    model = tiny_llama(tiny_tokenizer(), seed=seed)
+    model = tiny_llama(tiny_tokenizer(), seed=seed, heads=heads, kv_heads=kv_heads)
     if not with_pad:
         model.config.pad_token_id = None
     model.save_pretrained(path)

@@ -7,6 +7,9 @@ Layout of a :class:`Rollout` (``N`` = prompts x ``num_samples``; all tensors on 
                                                                                  the EOS token included
     ended_with_eos [N] bool    prompt_index [N] long (which prompt each row answers)
     response_texts list[str] (decoded without special tokens)
+    sampler_logps  [N, R] float32 or None: log-prob of each sampled token under the distribution it was
+                   sampled from (logits / temperature, then top-k/top-p), 0 off the response mask; only
+                   when ``generate(..., logps=True)`` asked for it
 
 ``torch.cat([prompt_ids, response_ids], 1)`` (:meth:`Rollout.sequences`) puts every response right
 after its prompt at the same column ``P`` in every row, so response-token log-probs are the logits of
@@ -39,6 +42,7 @@ class Rollout:
     ended_with_eos: torch.Tensor  # [N] bool; False = cut at max_new_tokens
     prompt_index: torch.Tensor  # [N] long
     response_texts: list[str]
+    sampler_logps: torch.Tensor | None = None  # [N, R] float32, 0 off the mask; generate(..., logps=True)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -63,7 +67,8 @@ class Rollout:
     def to(self, device: torch.device | str) -> Rollout:
         tensors = {k: getattr(self, k).to(device) for k in
                    ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "ended_with_eos", "prompt_index")}
-        return Rollout(**tensors, response_texts=self.response_texts)
+        logps = self.sampler_logps.to(device) if self.sampler_logps is not None else None
+        return Rollout(**tensors, response_texts=self.response_texts, sampler_logps=logps)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -107,8 +112,11 @@ def check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
 
 
 def build_rollout(prompts: list[list[int]], responses: list[list[int]], prompt_index: torch.Tensor,
-                  eos_ids: Sequence[int], pad_id: int, tokenizer, device: torch.device | str = "cpu") -> Rollout:
-    """A :class:`Rollout` from unpadded token lists; each response is cut after its first EOS token."""
+                  eos_ids: Sequence[int], pad_id: int, tokenizer, device: torch.device | str = "cpu",
+                  logps: Sequence[Sequence[float]] | None = None) -> Rollout:
+    """A :class:`Rollout` from unpadded token lists; each response is cut after its first EOS token.
+
+    ``logps``: the sampler's log-prob of each response token (same lengths as ``responses``), cut likewise."""
     eos = set(eos_ids)
     cut, ended = [], []
     for r in responses:
@@ -116,6 +124,12 @@ def build_rollout(prompts: list[list[int]], responses: list[list[int]], prompt_i
         cut.append(list(r) if end is None else list(r[: end + 1]))
         ended.append(end is not None)
     width = max([len(r) for r in cut] + [1])  # at least one column: an all-empty batch still has shape [N, 1]
+    sampler_logps = None
+    if logps is not None:
+        sampler_logps = torch.zeros(len(cut), width, dtype=torch.float32)
+        for i, (r, lp) in enumerate(zip(cut, logps)):
+            sampler_logps[i, :len(r)] = torch.tensor(list(lp[:len(r)]), dtype=torch.float32)
+        sampler_logps = sampler_logps.to(device)
     return Rollout(
         prompt_ids=pad(prompts, pad_id, side="left").to(device),
         prompt_mask=attention_mask_from_lengths([len(p) for p in prompts], side="left").to(device),
@@ -124,6 +138,7 @@ def build_rollout(prompts: list[list[int]], responses: list[list[int]], prompt_i
         ended_with_eos=torch.tensor(ended, dtype=torch.bool, device=device),
         prompt_index=prompt_index.to(device),
         response_texts=tokenizer.batch_decode(cut, skip_special_tokens=True),
+        sampler_logps=sampler_logps,
     )
 
 

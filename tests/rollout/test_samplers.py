@@ -1,4 +1,5 @@
-"""Samplers on the tiny Llama: padding, sample order, EOS, limits, seeds, wrappers, ZeRO-3 gathering."""
+"""Samplers on the tiny Llama: padding, sample order, EOS, limits, seeds, wrappers, ZeRO-3 gathering, sampler
+log-probs, the weights the vLLM sampler sends (vLLM itself: test_vllm.py)."""
 
 from __future__ import annotations
 
@@ -230,6 +231,41 @@ def test_zero3_parameters_are_gathered_once_per_rollout(tok, monkeypatch):
     assert len(rollout) == 3
 
 
+def test_weights_for_vllm_are_gathered_one_layer_at_a_time_under_zero3(tok, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.rollout.vllm import policy_weights
+    from alignkit.testing import tiny_llama
+
+    m = tiny_llama(tok)
+    rec = _Recorder()
+    sent = list(policy_weights(_fake_zero3(monkeypatch, m, rec)))
+    params = dict(m.named_parameters())
+    assert rec.gathers == [1] * len(params) and [n for n, _ in sent] == list(params)
+    for name, tensor in sent:  # copies: vLLM holds them after the gather is released
+        assert torch.equal(tensor, params[name]) and tensor.data_ptr() != params[name].data_ptr()
+    lora = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj"]))
+    rec = _Recorder()
+    sent = list(policy_weights(_fake_zero3(monkeypatch, lora, rec)))
+    assert rec.gathers.count(3) == 2  # each LoRA layer whole (base weight, A, B), once per layer
+    assert len(sent) == len(params) and rec.gathers.count(1) == len(params) - 2
+
+
+def test_vllm_memory_share_must_leave_room_for_the_policy(monkeypatch):
+    from alignkit.rollout.vllm import _check_gpu_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * 2**30, 80 * 2**30))
+    _check_gpu_memory(0.3, None)  # 24 of the 40 free GiB
+    with pytest.raises(ConfigError, match=r"vllm_gpu_memory_utilization=0.6 asks vLLM for 48.0 GiB .* <= 0.45"):
+        _check_gpu_memory(0.6, None)
+    policy = torch.nn.Linear(2**15, 2**14, device="meta")  # 2 GiB of trainable fp32 weights: Adam needs ~6 more
+    _check_gpu_memory(0.3, policy)
+    with pytest.raises(ConfigError, match=r"about 6.0 GiB more: set generation.vllm_gpu_memory_utilization <= 0.38"):
+        _check_gpu_memory(0.45, policy)
+    with pytest.raises(ConfigError, match="use generation.sampler: hf, LoRA"):
+        _check_gpu_memory(0.3, torch.nn.Linear(2**16, 2**16, device="meta"))  # 16 GiB: 48 more
+
+
 def test_config_validation_names_the_key(tok):
     with pytest.raises(ConfigError, match=r"grpo\.generation\.sampler='vlm'"):
         SamplingConfig(sampler="vlm").check("grpo.generation")
@@ -266,69 +302,69 @@ def test_build_rollout_cuts_after_the_first_eos(tok):
     assert r.position_ids().tolist() == [[0, 1, 2, 3, 0], [0, 0, 1, 2, 3]]
 
 
-def _fake_vllm(monkeypatch, tok, canned: list[int]):
-    """A stand-in for the vllm package: records loaded weights, answers every prompt with ``canned``."""
-    loaded: dict[str, torch.Tensor] = {}
-
-    class Model:
-        def load_weights(self, weights):
-            for name, tensor in weights:
-                loaded[name] = tensor.clone()
-
-    class LLM:
-        def __init__(self, model, **kwargs):
-            self.kwargs = kwargs
-            runner = types.SimpleNamespace(model=Model())
-            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-                driver_worker=types.SimpleNamespace(model_runner=runner)))
-            self.prefix_resets = 0
-
-        def reset_prefix_cache(self):
-            self.prefix_resets += 1
-
-        def generate(self, prompts, sampling_params, use_tqdm):
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=canned + [j])
-                                                   for j in range(sampling_params.n)]) for _ in prompts]
-
-    fake = types.ModuleType("vllm")
-    fake.LLM = LLM
-    fake.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29999"}.items():
-        monkeypatch.setenv(key, value)
-    return loaded
-
-
-def test_vllm_sampler_syncs_merged_lora_weights_under_hf_names(tok, monkeypatch):
+def test_lora_weights_for_vllm_are_the_merged_model_under_hf_names(tok):
     from peft import LoraConfig, get_peft_model
 
+    from alignkit.rollout.vllm import policy_weights
     from alignkit.testing import tiny_llama
 
-    eos = tok.eos_token_id
-    loaded = _fake_vllm(monkeypatch, tok, canned=[5, eos])
     base = tiny_llama(tok)
     names = set(dict(base.named_parameters()))
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"],
+                                                 modules_to_save=["lm_head"]))
     for n, p in peft_model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p)  # a trained adapter: merging changes q_proj
-    q = "model.layers.0.self_attn.q_proj.weight"
+        if "lora_B" in n or "lora_embedding_B" in n:
+            torch.nn.init.normal_(p)  # a trained adapter: merging changes q_proj and the embeddings
+        if "modules_to_save" in n:
+            p.data.add_(1.0)  # the trained copy of lm_head, not the original, must be sent
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-    sampler = build_sampler(SamplingConfig(sampler="vllm", num_samples=2, max_new_tokens=4), tok,
-                          model_name_or_path="unused")
-    rollout = sampler.generate(peft_model, [ids(tok, "hello"), ids(tok, "the cat")])
-    assert set(loaded) == names  # every base weight, HF names, no LoRA tensors
+    sent = dict(policy_weights(peft_model))
+    assert set(sent) == names  # every base weight, HF names, no LoRA tensors
     for n, p in peft_model.named_parameters():
         assert torch.equal(p, before[n])  # the training model is untouched
     expected = copy.deepcopy(peft_model).merge_and_unload().state_dict()
     for name in names:
-        assert torch.allclose(loaded[name], expected[name], atol=1e-6), name
-    assert not torch.allclose(loaded[q], before["base_model.model." + q.replace(".weight", ".base_layer.weight")])
-    assert sampler.llm.prefix_resets == 1
-    assert rollout.prompt_index.tolist() == [0, 0, 1, 1]
-    assert rollout.response_ids.tolist() == [[5, eos]] * 4  # cut after the first eos
-    assert rollout.ended_with_eos.all()
+        assert torch.allclose(sent[name], expected[name], atol=1e-6), name
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(sent[q], before["base_model.model." + q.replace(".weight", ".base_layer.weight")])
+    assert torch.equal(sent["lm_head.weight"], before["base_model.model.lm_head.modules_to_save.default.weight"])
+
+
+def test_dora_and_other_adapters_are_refused_for_vllm(tok):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from alignkit.rollout.vllm import policy_weights
+    from alignkit.testing import tiny_llama
+
+    dora = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ConfigError, match="DoRA.*generation.sampler: hf"):
+        dict(policy_weights(dora))
+    ia3 = get_peft_model(tiny_llama(tok), IA3Config(target_modules=["k_proj", "down_proj"],
+                                                    feedforward_modules=["down_proj"]))
+    with pytest.raises(ConfigError, match="IA3.*only fold LoRA"):
+        dict(policy_weights(ia3))
+
+
+def test_sampler_logps_are_the_sampled_distributions(tok, model):
+    """HF's processed scores: log_softmax of logits / T after top-k and top-p, 0 off the response mask."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    prompts = [ids(tok, "the big red dog"), ids(tok, "tell me about paris please")]
+    cfg = SamplingConfig(max_new_tokens=10, num_samples=2, temperature=0.7, top_k=40, top_p=0.9)
+    rollout = HFSampler(tok, cfg).generate(model, prompts, seed=1, logps=True)
+    assert HFSampler(tok, cfg).generate(model, prompts, seed=1).sampler_logps is None  # only when asked
+    input_ids, mask = rollout.sequences()
+    P = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=rollout.position_ids()).logits
+    warped = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(40)(None, logits[:, P - 1:-1].flatten(0, 1) / 0.7))
+    expected = torch.log_softmax(warped, -1).gather(-1, rollout.response_ids.reshape(-1, 1))
+    expected = expected.view_as(rollout.response_ids) * rollout.response_mask
+    on = rollout.response_mask.bool()
+    assert rollout.sampler_logps.dtype == torch.float32 and (rollout.sampler_logps[~on] == 0).all()
+    assert torch.isfinite(rollout.sampler_logps).all() and (rollout.sampler_logps[on] < 0).all()
+    assert torch.allclose(rollout.sampler_logps, expected, atol=1e-5)
+    assert rollout.to("cpu").sampler_logps is not None
 
 
 def test_checkpoint_generation_defaults_do_not_change_the_sampling(tok, model):
