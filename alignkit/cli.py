@@ -6,6 +6,8 @@
     alignkit merge ADAPTER_DIR OUT_DIR  merge a LoRA adapter into its base model
     alignkit convert state-dict|megatron ...  raw state dicts / Megatron checkpoints -> HF folders
     alignkit plot RUN_DIR [RUN_DIR ...]  PNG training curves, several runs overlaid
+    alignkit chat MODEL [--compare OTHER]  chat in the terminal (reads stdin line by line when piped)
+    alignkit generate MODEL --prompts FILE --out FILE.jsonl  sample (and score) responses, resumable
 
 Every expected error (:class:`alignkit.errors.AlignkitError`) is one line on stderr, printed once (rank 0,
 or the launcher for the processes it started), and the exit code is 2; ``--debug`` (or
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert raw state dicts or Megatron checkpoints into HF folders",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("chat", help="chat with a model in the terminal (--compare: two models)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("generate", help="sample (and score) responses for a prompt file into JSONL",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("plot", help="PNG plots of the training curves of one or more runs, overlaid",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ["ALIGNKIT_DEBUG"] = "1"  # the processes a launch starts inherit it
     argv = [a for a in argv if a != "--debug"]
-    if argv[:1] in (["convert"], ["assets"], ["plot"]):  # their own parsers (--help included) take the rest
+    if argv[:1] in (["convert"], ["assets"], ["plot"], ["chat"], ["generate"]):  # own parsers take the rest
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)
@@ -130,6 +137,14 @@ def _run(args, argv: list[str]) -> int:
         from alignkit.convert import convert_main
 
         return convert_main(args.rest)
+    if args.command == "chat":
+        from alignkit.chat import chat_main
+
+        return chat_main(args.rest)
+    if args.command == "generate":
+        from alignkit.generate import generate_main
+
+        return generate_main(args.rest)
     if args.command == "plot":
         from alignkit.training.plots import plot_main
 

@@ -276,8 +276,11 @@ def generate(model: str, prompts: str, out: str | Path, *, sampling=None, reward
             "max_prompt_length": max_prompt_length, **_settings(sampling, reward)}
     with _exclusive(out):
         log = _open_log(out, meta, overwrite)
-        sample_prompts(state, loaded.model, sampler, rows, log, batch_size=batch_size, seed=seed,
-                       choose=_chooser(sampling.num_samples, scorer), desc="generate")
+        try:
+            sample_prompts(state, loaded.model, sampler, rows, log, batch_size=batch_size, seed=seed,
+                           choose=_chooser(sampling.num_samples, scorer), desc="generate")
+        finally:
+            sampler.close()  # vLLM shuts its engine down
         scores = [s for entry in log.entries for per_prompt in entry.get("all_scores", []) for s in per_prompt]
         done = sum(len(entry["prompt_ids"]) for entry in log.entries)
     return {"out": str(out), "prompts": done, "responses": done * sampling.num_samples,

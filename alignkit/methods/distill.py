@@ -349,6 +349,7 @@ class GKDMethod(TeacherMethod):
         ids, prompt_len = batch["input_ids"], batch["prompt_len"].tolist()
         prompts = [ids[i, : max(n, 1)].tolist() for i, n in enumerate(prompt_len)]
         rollout: Rollout = self.sampler.generate(model, prompts, seed=derived_seed(self.seed, self.draws, self.rank))
+        self.sampler.sleep()  # vLLM on a GPU frees its memory for the update
         input_ids, attention_mask = rollout.sequences()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:, rollout.prompt_ids.shape[1]:] = rollout.response_ids.masked_fill(rollout.response_mask == 0,
@@ -448,6 +449,8 @@ def run(cfg: RunConfig) -> dict:
                            rank=accelerator.process_index, **common)
     before = evaluate_before(accelerator, model, method, splits.eval, cfg)
     result = fit(accelerator, model, tokenizer, method, cfg, splits.train, splits.eval)
+    if cfg.method == "gkd":
+        sampler.close()
     result["eval_before"] = before
     result["data_stats"] = splits.stats
     return result
@@ -494,6 +497,7 @@ def run_seqkd(cfg: RunConfig) -> dict:
     if log is not None:
         n_rows = sum(e["rows"] for e in log.entries)
         logger.info("seqkd: %d teacher completions for %d prompts in %s", n_rows, len(prompts), log.path)
+    sampler.close()
     del sampler
 
     # 2. SFT of the student on the teacher's completions

@@ -121,6 +121,10 @@ class OnlineRLConfig:
                                         "fixed kl_coef.")
     kl_horizon: float = opt(10000.0, "Adaptive KL: sequences over which kl_coef moves by up to 20% towards the target.")
     entropy_coef: float = opt(0.0, "Entropy bonus: loss -= entropy_coef * entropy (aggregated like loss_agg).")
+    tis_cap: float | None = opt(None, "Truncated importance sampling for the sampler/trainer mismatch (Yao et al. "
+                                      "2025; OpenRLHF, verl): each token's policy loss is weighted by "
+                                      "min(pi_old/pi_sampler, tis_cap), pi_sampler being the sampler's own "
+                                      "log-prob (vLLM's kernels differ from training's). None = off; e.g. 2.0.")
     ref_model: str | None = opt(None, "Reference model for the KL. None: the policy with its adapter off (lora/qlora) "
                                       "or a frozen copy of model.name_or_path (full).")
     disable_dropout: bool = opt(True, "Set dropout to 0 in the policy (and critic), so the old, reference and "
@@ -144,6 +148,7 @@ class OnlineRLConfig:
             ("kl_clamp", self.kl_clamp is None or self.kl_clamp > 0, "> 0 (or null)"),
             ("kl_target", self.kl_target is None or self.kl_target > 0, "> 0 (or null for a fixed kl_coef)"),
             ("kl_horizon", self.kl_horizon > 0, "> 0"),
+            ("tis_cap", self.tis_cap is None or self.tis_cap >= 1, ">= 1 (or null for no correction)"),
             ("entropy_coef", self.entropy_coef >= 0, ">= 0"),
             ("log_samples", self.log_samples >= 0, ">= 0"),
         ]
@@ -420,7 +425,7 @@ def run(cfg: RunConfig) -> dict:
     if state.step and accelerator.is_main_process:
         cut_jsonl(run_.output_dir / "samples.jsonl", state.step)  # a resumed run samples those steps again
     sampler = build_sampler(args.generation, tokenizer, model_name_or_path=cfg.model.name_or_path,
-                            device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed)
+                            device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed, policy=model)
     # the module the sampler samples from; vLLM syncs weights by parameter name, so give it the bare policy
     inner_policy = unwrap_model(model).policy if critic is not None else None
     sample_from = inner_policy if critic is not None and args.generation.sampler == "vllm" else model
@@ -430,7 +435,8 @@ def run(cfg: RunConfig) -> dict:
     micro = t.per_device_batch_size
     # one update per rollout: the training forward IS the rollout policy, no separate "old" pass needed
     on_policy = args.ppo_epochs == 1 and n_updates == 1
-    need_old = critic is not None or not on_policy or (args.uses_reference and args.kl_penalty == "reward")
+    need_old = (critic is not None or not on_policy or args.tis_cap is not None
+                or (args.uses_reference and args.kl_penalty == "reward"))
     batches = prompts.iterate(state.micro_step)
     last: dict[str, float] = {}
 
@@ -440,8 +446,9 @@ def run(cfg: RunConfig) -> dict:
         state.micro_step += 1
 
         # 1. rollout: num_samples responses per prompt
-        rollout = sampler.generate(sample_from, [r["prompt_ids"] for r in rows],
-                                   seed=derived_seed(t.seed, state.step, rank))
+        rollout = sampler.generate(sample_from, [r["prompt_ids"] for r in rows], seed=derived_seed(t.seed, state.step, rank),
+                                   logps=args.tis_cap is not None)
+        sampler.sleep()  # vLLM on a GPU frees its memory for the update; the next generate wakes and re-syncs it
         generation_time = time.perf_counter() - step_start
 
         # 2. rewards
@@ -472,6 +479,15 @@ def run(cfg: RunConfig) -> dict:
             metrics.add_values("returns", returns, mask)
         if args.whiten_advantages:
             adv = masked_whiten(adv, mask)
+        if args.tis_cap is not None:
+            # truncated importance weights of the trainer's over the sampler's log-probs; a positive per-token
+            # factor on the advantage is a factor on that token's clipped-surrogate loss
+            log_w = (old.logps - rollout.sampler_logps) * mask
+            weights = log_w.exp().clamp(max=args.tis_cap) * mask
+            metrics.add_values("tis_weight", weights, mask)
+            metrics.add("tis_capped", float(((log_w.exp() > args.tis_cap) & (mask != 0)).sum()), float(mask.sum()))
+            metrics.add("sampler_logp_diff", float(log_w.abs().sum()), float(mask.sum()))
+            adv = adv * weights
 
         # 5. ppo_epochs passes of minibatch updates
         for epoch in range(args.ppo_epochs):
@@ -532,6 +548,7 @@ def run(cfg: RunConfig) -> dict:
                 write_samples(run_.output_dir / "samples.jsonl", state.step, rollout, rows, result, args.log_samples)
         run_.save_if_due()
 
+    sampler.close()
     run_.finish()
     out = run_.summary(train=last, data_stats=splits.stats)
     if critic is not None:

@@ -198,6 +198,7 @@ def run(cfg: RunConfig) -> dict:
             release_run_lock(t.output_dir)
         return result
 
+    sampler.close()
     del policy, reward, sampler
     gc.collect()
     if torch.cuda.is_available():

@@ -387,3 +387,16 @@ def test_config_errors_name_the_keys():
         build_config("ppo", {"ppo": {"critic_init": "reward_model", "reward": fn}})
     with pytest.raises(ConfigError, match="kl_coef=0"):
         build_config("ppo", {"ppo": {"kl_target": 6.0, "kl_coef": 0.0, "reward": fn}})
+
+
+def test_truncated_importance_sampling_weights_the_sampler_mismatch(tmp_path, tiny_model_dir, prompts, reward_spec):
+    """tis_cap: each token's loss is weighted by min(pi_old / pi_sampler, cap). The HF sampler samples from the
+    trainer's own distribution, so the weights are 1 up to float error; a distorted sampler log-prob is capped."""
+    out = tmp_path / "tis"
+    _train("grpo", tiny_model_dir, prompts, out, reward_spec, training={"max_steps": 2}, tis_cap=2.0)
+    rows = _metrics(out)
+    for r in rows:
+        assert r["tis_weight"] == pytest.approx(1.0, abs=1e-4) and r["sampler_logp_diff"] < 1e-4
+        assert r["tis_capped"] == 0.0
+    with pytest.raises(ConfigError, match="grpo.tis_cap=0.5: must be >= 1"):
+        build_config("grpo", {"grpo": {"reward": {"functions": ["a:b"]}, "tis_cap": 0.5}})
