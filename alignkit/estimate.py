@@ -503,29 +503,44 @@ def activation_bytes(arch: Arch, rows: int, seq: int, s: Setup, cfg: RunConfig, 
     return arch.layers * layer + final_norm
 
 
-def chunk_bytes(vocab: int, rows_per_sequence: int) -> float:
-    """One float32 chunk of ``selective_log_softmax`` (about 128 MiB, at most one sequence's rows)."""
-    rows = min(max(1, LOGSOFTMAX_CHUNK_ELEMENTS // vocab), rows_per_sequence)
-    return 4.0 * rows * vocab
+def chunk_rows(vocab: int, rows: int) -> int:
+    """Rows of one chunk of the chunked log-softmax / LM head: about 128 MiB of float32 logits, at most ``rows``."""
+    return max(1, min(LOGSOFTMAX_CHUNK_ELEMENTS // vocab, rows))
 
 
-def logits_workspace(kind: str, tokens: int, vocab: int, a: int, rows_per_sequence: int, *, teacher_bytes: int = 2,
+def logits_workspace(kind: str, tokens: int, arch: Arch, s: Setup, *, rows_per_sequence: int,
+                     head_trainable: bool = False, entropy: bool = False, teacher_bytes: int = 2,
                      jsd: bool = False) -> float:
-    """Peak bytes of the logits and the loss' temporaries for ``tokens`` positions (backward of the LM head).
+    """Peak bytes of the LM head's output and the loss' temporaries for ``tokens`` target positions.
 
-    - ``cross_entropy`` (SFT): float32 log-softmax saved, then its gradient and the gradient of its input:
-      3 x 4 bytes per logit, after the forward's ``a`` logits + float32 copy;
-    - ``selective`` (preference, online): the logits saved in ``a``, their gradient in ``a``, and two float32
-      chunks of the chunked log-softmax;
-    - ``distill`` (KD/GKD): student (``a``) and teacher logits, their float32 copies, both log-softmaxes and the
-      element-wise KL (more for the generalised JSD), and the gradient.
+    - ``chunked`` (the default of SFT, the DPO family, KTO and the online methods): the head runs a chunk of
+      ``c`` rows at a time (:func:`alignkit.losses.logprobs.linear_logps`); no ``[tokens, V]`` tensor exists.
+      Forward: the chunk's matmul output (in the autocast dtype), its float32 logits and two or three
+      float32 temporaries (log-softmax, probabilities, the entropy's product). Backward recomputes a chunk
+      the same way; a trainable head (full fine-tuning) adds a float32 ``[V, h]`` gradient accumulator (and,
+      under autocast, the chunk's 2-byte ``[V, h]`` product and its float32 copy).
+    - ``full`` (ZeRO-3, whose partitioned head cannot run outside the forward; ``chunked_logps: false``):
+      the kept logits, their gathered copy and both gradients in the compute dtype, plus two float32 chunks
+      of ``selective_log_softmax``.
+    - ``cross_entropy`` (SeqKD's SFT stage): a float32 log-softmax kept, then its gradient and the gradient of
+      its input: 3 x 4 bytes per logit, after the forward's logits and their float32 copy.
+    - ``distill`` (KD/GKD): student and teacher logits, their float32 copies, both log-softmaxes and the
+      element-wise divergence (more for the generalised JSD).
     """
+    vocab, a = arch.vocab, s.compute_bytes
     n = float(tokens) * vocab
+    chunk = float(chunk_rows(vocab, tokens if kind == "chunked" else rows_per_sequence)) * vocab
+    if kind == "chunked":
+        cast = a if a != 4 else 0  # the matmul's 2-byte output before its float32 copy
+        forward = chunk * (cast + 4 * (4 if entropy else 3))
+        backward = chunk * (2 * cast + 4 * 2)
+        if head_trainable:
+            backward += vocab * arch.hidden * (4 + (cast + 4 if cast else 0))
+        return max(forward, backward)
+    if kind == "full":
+        return 3 * a * n + 2 * 4 * chunk
     if kind == "cross_entropy":
-        forward = n * (a + (4 if a != 4 else 0) + 4)
-        return max(forward, 12 * n)
-    if kind == "selective":
-        return 2 * a * n + 2 * chunk_bytes(vocab, rows_per_sequence)
+        return max(n * (a + (4 if a != 4 else 0) + 4), 12 * n)
     if kind == "distill":
         return n * (a + teacher_bytes + 4 * (8 if jsd else 5))
     return 0.0
@@ -543,7 +558,7 @@ def inference_workspace(arch: Arch, rows: int, seq: int, logit_tokens: int, s: S
     mlp = 3 * arch.intermediate * a
     layer = t * (arch.hidden * (4 + s.weight_bytes + a) + max(attention, mlp))
     mask = rows * seq * seq * a if padded else 0
-    logits = logit_tokens * arch.vocab * a + (2 * chunk_bytes(arch.vocab, seq) if logit_tokens else 0)
+    logits = logit_tokens * arch.vocab * a + (2 * 4 * chunk_rows(arch.vocab, seq) * arch.vocab if logit_tokens else 0)
     return float(layer + mask + logits)
 
 
@@ -757,13 +772,8 @@ def _offline(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | N
     if s.stage == 0 and bucket:
         plan.keep(bucket_name, bucket)
     b, seq = t.per_device_batch_size, cfg.data.max_length
-    rows, logit_kind, teacher_bytes = b, "cross_entropy", 2
-    if method in PREFERENCE or (method == "rm" and cfg.method_args.objective == "pairwise"):
-        rows = 2 * b
-    if method in PREFERENCE or method == "kto":
-        logit_kind = "selective"
-    if method == "rm":
-        logit_kind = "none"
+    rows = 2 * b if method in PREFERENCE or (method == "rm" and cfg.method_args.objective == "pairwise") else b
+    logit_kind, teacher_bytes = _head_path(cfg, s), 2
     reference = _reference(plan, cfg, s, arch, overrides) if method in ("dpo", "kto") else None
     if method in ("kd", "gkd"):
         args = cfg.method_args
@@ -771,26 +781,50 @@ def _offline(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | N
         teacher = arch_of(args.teacher, key=f"{method}.teacher", config_override=overrides.get("teacher"))
         plan.keep("teacher", frozen_weights(teacher, teacher_bytes, s))
         plan.models["teacher"] = _frozen_line(teacher, teacher_bytes, s)
-        logit_kind = "distill"
     lora = trained.lora if m.finetune != "full" else None
     acts = activation_bytes(arch, rows, seq, s, cfg, lora)
-    logits = logits_workspace(logit_kind, rows * seq, arch.vocab, s.compute_bytes, seq, teacher_bytes=teacher_bytes,
+    logits = logits_workspace(logit_kind, rows * seq, arch, s, rows_per_sequence=seq, head_trainable=m.finetune == "full",
+                              teacher_bytes=teacher_bytes,
                               jsd=method == "gkd" or getattr(cfg.method_args, "divergence", "") == "jsd")
     head_grad = (arch.head_params or arch.vocab * arch.hidden) * trained.param_bytes if m.finetune == "full" else 0
-    extra = {}
     if method == "gkd":  # on-policy batches: the student generates its completions first
         args = cfg.method_args
         gen_len = seq + args.generation.max_new_tokens
         plan.phase("rollout", {"generation KV cache": kv_cache_bytes(arch, b, gen_len, s.compute_bytes),
                                "generation forward": inference_workspace(arch, b, seq, b, s)})
-    if method == "dpo" and cfg.method_args.precompute_ref_logps is True and reference is not None:
+    if method == "dpo" and reference is not None and _precomputes_reference(cfg, s):
+        # the policy is loaded, the reference scores every row once, then it is freed before training
         ref_bytes = plan.resident.pop("reference model")
-        plan.phase("reference precompute", {"reference model": ref_bytes,
-                                            "reference forward": inference_workspace(reference, rows, seq, rows * seq, s)})
+        plan.phase("reference precompute", {"reference model": ref_bytes, "reference forward":
+                                            inference_workspace(reference, rows, seq, rows * seq, s)},
+                   resident={"policy weights": trained.weights})
         plan.models["reference"] += "; freed after precomputing the log-probs"
-    _train_phase(plan, trained, s, arch, acts, logits, head_grad, t.gradient_accumulation_steps, extra)
+    _train_phase(plan, trained, s, arch, acts, logits, head_grad, t.gradient_accumulation_steps)
     plan.assumptions.append(f"every micro-batch is {rows} rows x {seq} tokens (data.max_length), padded, with "
-                            "logits at every position")
+                            "targets at every position")
+
+
+def _head_path(cfg: RunConfig, s: Setup) -> str:
+    """How a method's LM head runs (see :func:`logits_workspace`)."""
+    method = cfg.method
+    if method == "rm":
+        return "none"
+    if method in ("kd", "gkd"):
+        return "distill"
+    if method == "seqkd":
+        return "cross_entropy"
+    chunked = getattr(cfg.method_args, "chunked_logps", True)
+    return "chunked" if chunked and s.stage != 3 else "full"  # ZeRO-3's partitioned head: full logits
+
+
+def _precomputes_reference(cfg: RunConfig, s: Setup) -> bool:
+    """``dpo.precompute_ref_logps``: true, or auto when the run visits every training row (num_epochs >= 1 and
+    no max_steps: the estimate does not know the data size otherwise) and the reference is not the
+    adapter-off policy under ZeRO-3."""
+    mode, t = cfg.method_args.precompute_ref_logps, cfg.training
+    if mode == "auto":
+        return t.max_steps <= 0 and t.num_epochs >= 1
+    return mode is True
 
 
 def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | None]) -> None:
@@ -860,8 +894,11 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
     acts = activation_bytes(arch, b, seq, s, cfg, lora)
     if critic_arch is not None:
         acts += activation_bytes(critic_arch, b, seq, s, cfg, lora)
-    logits = logits_workspace("selective", b * (response + 1), arch.vocab, a, response + 1)
-    logits += 3 * 4.0 * min(ENTROPY_CHUNK_ROWS, b * response) * arch.vocab  # entropy, chunked, no grad
+    head = _head_path(cfg, s)
+    logits = logits_workspace(head, b * response, arch, s, rows_per_sequence=response + 1,
+                              head_trainable=m.finetune == "full", entropy=True)
+    if head == "full":  # entropy_from_logits: float32 chunks of 128 rows, no grad
+        logits += 3 * 4.0 * min(ENTROPY_CHUNK_ROWS, b * response) * arch.vocab
     head_grad = (arch.head_params or arch.vocab * arch.hidden) * trained.param_bytes if m.finetune == "full" else 0
     _train_phase(plan, trained, s, arch, acts, logits, head_grad, t.gradient_accumulation_steps)
     plan.assumptions.append(f"prompts of {prompt} tokens (data.max_prompt_length, else data.max_length), responses "
@@ -902,7 +939,8 @@ def _sampling_then_sft(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[st
                             "per generate call")
     if method == "rejection_sampling" and not args.train_sft:
         return
-    sft_cfg = dataclasses.replace(cfg, method="sft")
+    # rejection sampling trains with SFT (chunked head); SeqKD's SFT stage computes full logits (cross-entropy)
+    sft_cfg = dataclasses.replace(cfg, method="sft" if method == "rejection_sampling" else "seqkd")
     if method == "seqkd" and args.eval_kl_to_teacher:
         plan.keep("teacher (eval KL)", frozen_weights(sampler_arch, dtype_bytes, s))
     _offline(plan, sft_cfg, s, overrides)

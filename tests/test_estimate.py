@@ -198,8 +198,8 @@ def test_lora_reference_is_the_adapter_off_policy(tiny_model_dir):
                               *(["grpo.reward.functions=[m:f]"] if method == "grpo" else [])), 1, 80, suggest=False)
         assert "adapter off" in est.models["reference"]
         assert all("reference model" not in parts for parts in est.phases.values()), method
-    full = estimate(cfg_of("dpo", tiny_model_dir), 1, 80, suggest=False)
-    assert "reference model" in full.phases["train"]
+    live = estimate(cfg_of("dpo", tiny_model_dir, "dpo.precompute_ref_logps=false"), 1, 80, suggest=False)
+    assert "reference model" in live.phases["train"]
 
 
 def test_reference_free_methods_hold_no_reference(tiny_model_dir):
@@ -210,9 +210,14 @@ def test_reference_free_methods_hold_no_reference(tiny_model_dir):
 
 
 def test_dpo_precompute_frees_the_reference_before_training(tiny_model_dir):
-    est = estimate(cfg_of("dpo", tiny_model_dir, "dpo.precompute_ref_logps=true"), 1, 80, suggest=False)
-    assert "reference model" in est.phases["reference precompute"]
-    assert "reference model" not in est.phases["train"]
+    # precompute_ref_logps auto: precomputed when the run visits every row (one epoch, no max_steps)
+    for overrides in (["dpo.precompute_ref_logps=true", "training.max_steps=5"], []):
+        est = estimate(cfg_of("dpo", tiny_model_dir, *overrides), 1, 80, suggest=False)
+        assert "reference model" in est.phases["reference precompute"]
+        assert "reference model" not in est.phases["train"]
+        assert "optimizer states (AdamW m, v)" not in est.phases["reference precompute"]  # before training
+    live = estimate(cfg_of("dpo", tiny_model_dir, "training.max_steps=5"), 1, 80, suggest=False)
+    assert "reference model" in live.phases["train"]  # auto: the estimate cannot tell every row is visited
 
 
 def test_vllm_share_is_held_in_every_phase(tiny_model_dir):
