@@ -307,11 +307,13 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 class BatchLayout:
     """How an offline method lays out a micro-batch; every layout gives the same log-probs and scores.
 
-    ``packed``: padding-free rows (:func:`~alignkit.data.tokenize.packed_sequences`), ``one_row``: all in one
-    row (varlen attention kernels). ``shared_prompt`` (pairs only): ``"never"``, ``"always"``, or ``"auto"``:
-    per batch, when it is estimated cheaper than the unshared layout; the estimate counts token slots
-    (rows x width) plus ``attention_cost`` per attended (query, key) slot pair (dense masks cost the whole
-    square), both relative to one token's linear layers.
+    ``packed``: padding-free rows (:func:`~alignkit.data.tokenize.packed_sequences`); ``one_row``: all of a
+    batch in one row (varlen attention kernels, whose cost does not grow with the row). Otherwise the attention
+    mask is dense, so a row costs the square of its width, and the row width is chosen per batch: the
+    cheapest of a few widths from the longest sequence to all of them in one row. ``shared_prompt`` (pairs
+    only): ``"never"``, ``"always"``, or ``"auto"``: per batch, when it is estimated cheaper than the
+    unshared layout. A layout's estimated cost is its token slots (rows x width) plus ``attention_cost`` per
+    (query, key) slot pair, relative to one token through a layer's linear maps (:func:`attention_cost`).
     """
 
     packed: bool = False
@@ -329,15 +331,17 @@ class BatchLayout:
         """A batch of ``seqs`` (their ``labels`` mark the targets); rows with their own ``position_ids``
         (packed SFT rows) are always laid out by position, without an attention mask."""
         if self.packed or position_ids is not None:
-            width = sum(len(s) for s in seqs) if self.packed and self.one_row else None
+            width = self._packed([len(s) for s in seqs])[0] if self.packed else None
             return packed_sequences(seqs, labels, pad_token_id, row_width=width, position_ids=position_ids)
         return padded_sequences(seqs, labels, pad_token_id)
 
     def pairs(self, triples: list[tuple[list[int], list[int], list[int]]], pad_token_id: int
               ) -> dict[str, torch.Tensor]:
         """``(prompt, chosen, rejected)`` triples: sequences ``prompt + chosen`` (all B), then ``prompt + rejected``."""
-        if self.shared_prompt == "always" or (self.shared_prompt == "auto" and self._shared_is_cheaper(triples)):
-            return shared_prompt_pairs(triples, pad_token_id)
+        if self.shared_prompt != "never":
+            width, cost = self._packed([len(p) + len(c) + len(r) for p, c, r in triples])
+            if self.shared_prompt == "always" or cost < self._unshared_cost(triples):
+                return shared_prompt_pairs(triples, pad_token_id, row_width=width)
         seqs = [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
         labels = [[IGNORE_INDEX] * len(p) + c for p, c, _ in triples] + \
             [[IGNORE_INDEX] * len(p) + r for p, _, r in triples]
@@ -346,11 +350,17 @@ class BatchLayout:
     def _cost(self, rows: int, width: int) -> float:
         return rows * width * (1.0 + self.attention_cost * width)
 
-    def _shared_is_cheaper(self, triples) -> bool:
+    def _packed(self, lengths: list[int]) -> tuple[int, float]:
+        """(row width, estimated cost) of the cheapest packing of sequences (or segments) of ``lengths``."""
+        total = sum(lengths)
+        if self.one_row:
+            return total, float(total)
+        widths = {min(int(max(lengths) * m), total) for m in (1, 1.5, 2, 3, 4)} | {total}
+        return min(((w, self._cost(*packed_shape(lengths, w))) for w in sorted(widths)), key=lambda x: x[1])
+
+    def _unshared_cost(self, triples) -> float:
         lengths = [len(p) + len(c) for p, c, _ in triples] + [len(p) + len(r) for p, _, r in triples]
-        unshared = packed_shape(lengths) if self.packed else (len(lengths), max(lengths))
-        shared = packed_shape([len(p) + len(c) + len(r) for p, c, r in triples])
-        return self._cost(*shared) < self._cost(*unshared)
+        return self._packed(lengths)[1] if self.packed else self._cost(len(lengths), max(lengths))
 
 
 def attention_cost(model) -> float:

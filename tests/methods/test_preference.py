@@ -248,10 +248,17 @@ def test_padding_free_shared_prompt_and_chunked_logps_train_identically(tmp_path
 
 def test_collate_follows_the_layout():
     rows = _rows()
-    packed = PreferenceMethod("dpo", DPOConfig(), 0, layout=BatchLayout(packed=True)).collate(rows)
+    # attention that costs a lot per (query, key) pair: rows no wider than the longest sequence
+    packed = PreferenceMethod("dpo", DPOConfig(), 0, layout=BatchLayout(packed=True, attention_cost=1.0)).collate(rows)
     assert "attention_mask" not in packed and packed["input_ids"].shape == (3, 7)  # 7 | 5+2 | 4 (+3 pad)
     assert packed["sequence_tokens"].tolist() == [2, 3, 4, 1]
-    shared = PreferenceMethod("dpo", DPOConfig(), 0, layout=BatchLayout(shared_prompt="always")).collate(rows)
+    # cheap attention: no padding at all, in the narrowest rows that allow it (7+2 | 5+4)
+    cheap = BatchLayout(packed=True, attention_cost=1e-6)
+    assert PreferenceMethod("dpo", DPOConfig(), 0, layout=cheap).collate(rows)["input_ids"].shape == (2, 9)
+    varlen = BatchLayout(packed=True, one_row=True)  # a varlen kernel: everything in one row
+    assert PreferenceMethod("dpo", DPOConfig(), 0, layout=varlen).collate(rows)["input_ids"].shape == (1, 18)
+    shared_layout = BatchLayout(shared_prompt="always", attention_cost=1.0)
+    shared = PreferenceMethod("dpo", DPOConfig(), 0, layout=shared_layout).collate(rows)
     assert shared["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 14, 15, 16, 17, 0, 0, 0, 0]]
     assert shared["attention_mask"].shape == (2, 1, 9, 9)
     method = PreferenceMethod("dpo", DPOConfig(), 0)
