@@ -13,6 +13,7 @@ its ``critic/`` subfolder).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -57,6 +58,24 @@ def critic_values(critic, input_ids, attention_mask, position_ids, keep: int) ->
                       use_cache=False).last_hidden_state
     hidden = hidden[:, -keep:] if keep else hidden
     return value_head(critic)(hidden).squeeze(-1)
+
+
+@torch.no_grad()
+def rollout_values(model, batch, micro_batch_size: int, *, autocast=None) -> torch.Tensor:
+    """The critic's ``V(s_t)`` ``[N, R]`` at the positions that predict each response token of ``batch`` (a
+    RolloutBatch), without the policy's forward: for when the old log-probs come from the sampler."""
+    from alignkit.models import eval_mode, unwrap_model
+
+    critic = unwrap_model(model).critic
+    parts = []
+    with eval_mode(model):
+        for index in torch.arange(len(batch)).split(micro_batch_size):
+            part = batch.select(index)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                v = critic_values(critic, part.input_ids, part.attention_mask, part.position_ids,
+                                  keep=part.response_width + 1)[:, :-1].float()
+            parts.append(torch.nn.functional.pad(v, (0, batch.response_width - v.shape[1])))
+    return torch.cat(parts) * batch.response_mask
 
 
 @dataclass

@@ -42,7 +42,13 @@ from pathlib import Path
 import torch
 
 from alignkit.config import ConfigError, RunConfig, check_choice, opt
-from alignkit.critic import CRITIC_INITS, PolicyAndCritic, PolicyCriticCheckpointer, load_critic
+from alignkit.critic import (
+    CRITIC_INITS,
+    PolicyAndCritic,
+    PolicyCriticCheckpointer,
+    load_critic,
+    rollout_values,
+)
 from alignkit.data import build_datasets
 from alignkit.forward import ResponseOutput, response_forward, score_rollout
 from alignkit.losses.rl import (
@@ -60,7 +66,7 @@ from alignkit.losses.rl import (
     rloo_advantages,
     value_loss,
 )
-from alignkit.models import load_model, load_tokenizer, unwrap_model
+from alignkit.models import load_model, load_tokenizer, resolve_dtype, unwrap_model
 from alignkit.reference import load_reference, reference_logps
 from alignkit.rewards import RewardSourcesConfig, build_reward, prompt_text
 from alignkit.rollout import Rollout, RolloutBatch, SamplingConfig, build_sampler
@@ -121,6 +127,10 @@ class OnlineRLConfig:
                                         "fixed kl_coef.")
     kl_horizon: float = opt(10000.0, "Adaptive KL: sequences over which kl_coef moves by up to 20% towards the target.")
     entropy_coef: float = opt(0.0, "Entropy bonus: loss -= entropy_coef * entropy (aggregated like loss_agg).")
+    reuse_sampler_logps: bool = opt(True, "Take the old log-probs from the HF sampler (which computed them while "
+                                          "sampling) when they equal the trainer's up to float error: fp32 weights, "
+                                          "no mixed precision, no top-k/top-p. One policy forward less per rollout; "
+                                          "false always recomputes them.")
     tis_cap: float | None = opt(None, "Truncated importance sampling for the sampler/trainer mismatch (Yao et al. "
                                       "2025; OpenRLHF, verl): each token's policy loss is weighted by "
                                       "min(pi_old/pi_sampler, tis_cap), pi_sampler being the sampler's own "
@@ -275,6 +285,14 @@ def advantages(method: str, args: OnlineRLConfig, scores: torch.Tensor, kl_token
     else:
         raise ValueError(f"online_rl: unknown method {method!r}; ppo, rloo, grpo or reinforce_pp.")
     return adv[:, None] * mask_f, None
+
+
+def sampler_logps_are_the_trainers(args: OnlineRLConfig, mixed_precision: str, dtype: str) -> bool:
+    """Whether the HF sampler's log-probs of its tokens equal the training forward's up to float error: the
+    same weights in fp32 and the same distribution, softmax(logits / temperature) with nothing cut away."""
+    g = args.generation
+    return (args.reuse_sampler_logps and g.sampler == "hf" and not g.greedy and g.top_p == 1 and g.top_k == 0
+            and mixed_precision == "no" and resolve_dtype(dtype) == torch.float32)
 
 
 def kl_controller_of(args: OnlineRLConfig) -> FixedKLController | AdaptiveKLController:
@@ -437,6 +455,9 @@ def run(cfg: RunConfig) -> dict:
     on_policy = args.ppo_epochs == 1 and n_updates == 1
     need_old = (critic is not None or not on_policy or args.tis_cap is not None
                 or (args.uses_reference and args.kl_penalty == "reward"))
+    old_from_sampler = need_old and sampler_logps_are_the_trainers(args, accelerator.mixed_precision, cfg.model.dtype)
+    if old_from_sampler:
+        logger.info(f"{method}: the old log-probs come from the sampler (fp32, full softmax): one forward less")
     batches = prompts.iterate(state.micro_step)
     last: dict[str, float] = {}
 
@@ -447,7 +468,7 @@ def run(cfg: RunConfig) -> dict:
 
         # 1. rollout: num_samples responses per prompt
         rollout = sampler.generate(sample_from, [r["prompt_ids"] for r in rows], seed=derived_seed(t.seed, state.step, rank),
-                                   logps=args.tis_cap is not None)
+                                   logps=args.tis_cap is not None or old_from_sampler)
         sampler.sleep()  # vLLM on a GPU frees its memory for the update; the next generate wakes and re-syncs it
         generation_time = time.perf_counter() - step_start
 
@@ -458,8 +479,13 @@ def run(cfg: RunConfig) -> dict:
         reward_metrics(metrics, result, rollout)
 
         # 3. old log-probs (and values), reference log-probs: once per rollout, no gradients
-        old = score_rollout(model, batch, temperature, micro, autocast=autocast,
-                            **({"values": True} if critic is not None else {})) if need_old else None
+        old = None
+        if old_from_sampler:  # the critic's values still need their forward
+            values = rollout_values(model, batch, micro, autocast=autocast) if critic is not None else None
+            old = ResponseOutput(logps=rollout.sampler_logps, values=values)
+        elif need_old:
+            old = score_rollout(model, batch, temperature, micro, autocast=autocast,
+                                **({"values": True} if critic is not None else {}))
         ref_logps = None
         if reference is not None:
             ref_logps = reference_logps(reference, model, batch, temperature, micro, adapter_owner=inner_policy,

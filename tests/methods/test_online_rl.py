@@ -393,7 +393,8 @@ def test_truncated_importance_sampling_weights_the_sampler_mismatch(tmp_path, ti
     """tis_cap: each token's loss is weighted by min(pi_old / pi_sampler, cap). The HF sampler samples from the
     trainer's own distribution, so the weights are 1 up to float error; a distorted sampler log-prob is capped."""
     out = tmp_path / "tis"
-    _train("grpo", tiny_model_dir, prompts, out, reward_spec, training={"max_steps": 2}, tis_cap=2.0)
+    _train("grpo", tiny_model_dir, prompts, out, reward_spec, training={"max_steps": 2}, tis_cap=2.0,
+           reuse_sampler_logps=False)  # the trainer recomputes its log-probs: two computations compared
     rows = _metrics(out)
     for r in rows:
         assert r["tis_weight"] == pytest.approx(1.0, abs=1e-4) and r["sampler_logp_diff"] < 1e-4
