@@ -859,8 +859,9 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
         plan.keep("reward model", frozen_weights(reward_arch, s.weight_bytes, s))
         plan.models["reward model"] = _frozen_line(reward_arch, s.weight_bytes, s)
     vllm = g.sampler == "vllm"
-    if vllm:
-        plan.keep("vLLM (weights + KV cache)", g.vllm_gpu_memory_utilization * _gpu_bytes(plan))
+    vllm_share = vllm_bytes(g, arch, s, plan.gpu_memory_gb) if vllm else 0.0
+    if vllm and not vllm_sleeps(g, s):
+        plan.keep(VLLM_PART, vllm_share)
     # lengths and batches
     prompt = min(cfg.data.max_length, cfg.data.max_prompt_length or cfg.data.max_length)
     response = g.max_new_tokens
@@ -872,6 +873,8 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
     # rollout
     rollout: dict[str, float] = {}
     if vllm:
+        if vllm_sleeps(g, s):  # asleep while the policy trains: its memory is there during the rollout only
+            rollout[VLLM_PART] = vllm_share
         if m.finetune != "full":  # LoRA sync: merged copies of the adapted weights
             rollout["vLLM weight sync (merged LoRA copies)"] = sum(i * o for _, i, o in policy.lora) * a
         if s.stage == 3:
@@ -932,7 +935,7 @@ def _sampling_then_sft(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[st
         sampling["reward model"] = frozen_weights(rm, s.weight_bytes, s)
         plan.models["reward model"] = _frozen_line(rm, s.weight_bytes, s)
     if g.sampler == "vllm":
-        sampling = {"vLLM (weights + KV cache)": g.vllm_gpu_memory_utilization * _gpu_bytes(plan),
+        sampling = {VLLM_PART: vllm_bytes(g, sampler_arch, s, plan.gpu_memory_gb),
                     **{k: v for k, v in sampling.items() if k in ("reward model",)}}
     plan.phase("sampling", sampling, resident={})
     plan.assumptions.append(f"prompts of {prompt} tokens, {g.max_new_tokens} new tokens, {gen_batch} sequences "
@@ -946,8 +949,20 @@ def _sampling_then_sft(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[st
     _offline(plan, sft_cfg, s, overrides)
 
 
-def _gpu_bytes(plan: _Plan) -> float:
-    return plan.gpu_memory_gb * GIB
+VLLM_PART = "vLLM (weights + KV cache)"
+
+
+def vllm_bytes(g, arch: Arch, s: Setup, gpu_memory_gb: float) -> float:
+    """A colocated vLLM's memory on one GPU: its weights (split over ``vllm_tensor_parallel_size``) and
+    ``vllm_kv_cache_gb`` of KV cache when that is set, else ``vllm_gpu_memory_utilization`` of the GPU."""
+    if g.vllm_kv_cache_gb:
+        return arch.params * s.compute_bytes / g.vllm_tensor_parallel_size + g.vllm_kv_cache_gb * GIB
+    return g.vllm_gpu_memory_utilization * gpu_memory_gb * GIB
+
+
+def vllm_sleeps(g, s: Setup) -> bool:
+    """``vllm_sleep_mode`` (default: on with CUDA) frees vLLM's weights and KV cache while the policy trains."""
+    return g.vllm_sleep_mode if g.vllm_sleep_mode is not None else s.device == "cuda"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1025,7 +1040,9 @@ def candidate_changes(cfg: RunConfig, gpus: int, device: str) -> list[list[str]]
         current = g.batch_size or sequences
         if g.sampler == "hf" and current > 1:
             out.append([f"{cfg.method}.generation.batch_size={max(1, current // 2)}"])
-        if g.sampler == "vllm" and g.vllm_gpu_memory_utilization > 0.1:
+        if g.sampler == "vllm" and not vllm_sleeps(g, setup_of(cfg, gpus, device)) and device == "cuda":
+            out.append([f"{cfg.method}.generation.vllm_sleep_mode=true"])
+        if g.sampler == "vllm" and not g.vllm_kv_cache_gb and g.vllm_gpu_memory_utilization > 0.1:
             out.append([f"{cfg.method}.generation.vllm_gpu_memory_utilization="
                         f"{round(g.vllm_gpu_memory_utilization / 2, 2)}"])
         if stage == 3 and g.zero3_gather and g.sampler == "hf":
@@ -1071,6 +1088,7 @@ _NOTES = {
     "per_device_batch_size": "same global batch, more accumulation steps",
     "batch_size": "generates the rollout in smaller chunks",
     "vllm_gpu_memory_utilization": "a smaller vLLM KV cache (fewer sequences in flight)",
+    "vllm_sleep_mode": "frees vLLM's weights and KV cache while the policy trains",
     "zero3_gather": "generates with per-layer gathers (slow) instead of gathering the whole policy",
     "max_new_tokens": "shorter responses",
     "precompute_ref_logps": "scores the data with the reference once, then frees it",

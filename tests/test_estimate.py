@@ -220,12 +220,20 @@ def test_dpo_precompute_frees_the_reference_before_training(tiny_model_dir):
     assert "reference model" in live.phases["train"]  # auto: the estimate cannot tell every row is visited
 
 
-def test_vllm_share_is_held_in_every_phase(tiny_model_dir):
-    est = estimate(cfg_of("grpo", tiny_model_dir, "grpo.reward.functions=[m:f]", "grpo.generation.sampler=vllm",
-                          "grpo.generation.vllm_gpu_memory_utilization=0.25"), 1, 40, suggest=False)
-    for phase in est.phases.values():
+def test_vllm_share_and_sleep_mode(tiny_model_dir):
+    base = ["grpo.reward.functions=[m:f]", "grpo.generation.sampler=vllm", "grpo.generation.vllm_gpu_memory_utilization=0.25"]
+    awake = estimate(cfg_of("grpo", tiny_model_dir, *base, "grpo.generation.vllm_sleep_mode=false"), 1, 40,
+                     suggest=False)
+    for phase in awake.phases.values():  # held for the whole run
         assert phase["vLLM (weights + KV cache)"] == 0.25 * 40 * GIB
-    assert "generation KV cache" not in est.phases["rollout"]
+    assert "generation KV cache" not in awake.phases["rollout"]
+    asleep = estimate(cfg_of("grpo", tiny_model_dir, *base), 1, 40, suggest=False)  # sleep mode: on with CUDA
+    assert asleep.phases["rollout"]["vLLM (weights + KV cache)"] == 0.25 * 40 * GIB
+    assert all("vLLM (weights + KV cache)" not in asleep.phases[p] for p in ("scoring", "train", "optimizer"))
+    sized = estimate(cfg_of("grpo", tiny_model_dir, *base, "grpo.generation.vllm_kv_cache_gb=2"), 1, 40,
+                     suggest=False)
+    weights = 2 * arch_of(str(tiny_model_dir)).params
+    assert sized.phases["rollout"]["vLLM (weights + KV cache)"] == weights + 2 * GIB
 
 
 def test_distillation_and_sampling_methods_have_their_models(tiny_model_dir):
