@@ -881,6 +881,8 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
             rollout["ZeRO-3 gathered policy"] = policy.full if m.finetune != "full" else arch.largest * a
     else:
         rollout["generation KV cache"] = kv_cache_bytes(arch, gen_batch, seq, a)
+        if _sampler_logps(cfg, s):  # generate keeps each step's float32 [sequences, V] scores
+            rollout["sampler scores (log-probs)"] = 4.0 * gen_batch * response * arch.vocab
         rollout["generation forward"] = inference_workspace(arch, gen_batch, prompt, gen_batch, s) + 3 * 4 * gen_batch * arch.vocab
         if s.stage == 3:  # the sampler gathers the whole trained module (PPO: policy and critic)
             gathered = policy.full + (critic.full if critic_arch is not None else 0.0)
@@ -906,6 +908,21 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
     _train_phase(plan, trained, s, arch, acts, logits, head_grad, t.gradient_accumulation_steps)
     plan.assumptions.append(f"prompts of {prompt} tokens (data.max_prompt_length, else data.max_length), responses "
                             f"of {response} (generation.max_new_tokens), {gen_batch} sequences per generate call")
+
+
+def _sampler_logps(cfg: RunConfig, s: Setup) -> bool:
+    """Whether the HF sampler returns its tokens' log-probs (``tis_cap``, or the old log-probs taken from the
+    sampler: fp32, no autocast, plain sampling, when the loop needs old log-probs)."""
+    args, t = cfg.method_args, cfg.training
+    g = args.generation
+    if getattr(args, "tis_cap", None) is not None:
+        return True
+    minibatch = t.per_device_batch_size * t.gradient_accumulation_steps
+    on_policy = args.ppo_epochs == 1 and args.rollout_batch_size * g.num_samples // minibatch == 1
+    need_old = cfg.method == "ppo" or not on_policy or (args.uses_reference and args.kl_penalty == "reward")
+    plain = not g.greedy and g.top_p == 1 and g.top_k == 0
+    return (need_old and getattr(args, "reuse_sampler_logps", False) and plain and s.mixed == "no"
+            and s.weight_bytes == 4)
 
 
 def _sampling_then_sft(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | None]) -> None:

@@ -637,7 +637,9 @@ weights, plus the layers gathered during its forward); otherwise every GPU holds
 
 **Rollout.** The HF sampler's KV cache is `sequences x (prompt + response) x layers x 2 x kv_heads x
 head_dim x a` for the sequences of one `generate` call (`generation.batch_size`, else the whole rollout),
-plus the prefill's working set and the float32 sampling logits. Under ZeRO-3 with `zero3_gather` (the
+plus the prefill's working set and the float32 sampling logits; when the sampler returns its tokens'
+log-probs (`tis_cap`, or fp32 runs without autocast that reuse them as the old log-probs) `generate` also
+keeps every step's float32 `[sequences, V]` scores. Under ZeRO-3 with `zero3_gather` (the
 default) every GPU also holds the whole trained module while generating (PPO: policy and critic). A
 colocated vLLM (`generation.sampler: vllm`) takes `vllm_gpu_memory_utilization x GPU memory`, or its
 weights plus `vllm_kv_cache_gb` when that is set; with sleep mode (`vllm_sleep_mode`, on by default with

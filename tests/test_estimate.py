@@ -190,6 +190,16 @@ def test_ppo_holds_critic_reference_and_reward_model(tiny_model_dir):
     assert train["optimizer states (AdamW m, v)"] == 4 * (arch.params + critic.params)  # one optimizer, both
     assert {"rollout", "scoring", "train", "optimizer"} == set(est.phases)
     assert est.phases["rollout"]["generation KV cache"] > 0
+    assert "sampler scores (log-probs)" not in est.phases["rollout"]  # bf16: old log-probs are recomputed
+
+
+def test_fp32_ppo_keeps_the_samplers_scores(tiny_model_dir):
+    """fp32 without autocast: PPO takes its old log-probs from the HF sampler, whose generate keeps every
+    step's float32 [sequences, vocab] scores."""
+    cfg = cfg_of("ppo", tiny_model_dir, "ppo.reward.functions=[m:f]", "model.dtype=float32",
+                 "ppo.generation.max_new_tokens=32", 'training.mixed_precision="no"')
+    rollout = estimate(cfg, 1, 80, suggest=False).phases["rollout"]
+    assert rollout["sampler scores (log-probs)"] == 4 * 8 * 32 * arch_of(str(tiny_model_dir)).vocab
 
 
 def test_lora_reference_is_the_adapter_off_policy(tiny_model_dir):
