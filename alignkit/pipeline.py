@@ -833,7 +833,7 @@ class _Runner:
             else:
                 result = self.step(stage, config["args"], record["attempt"])
         except BaseException as e:
-            error = str(e) if isinstance(e, AlignkitError) else f"{type(e).__name__}: {e}"
+            error = str(e) if isinstance(e, AlignkitError) else f"{type(e).__name__}: {e}".rstrip(": ")
             self.save({**record, "status": "failed", "error": " ".join(error.split()),
                        "seconds": round(time.perf_counter() - t0, 1)})
             if isinstance(e, AlignkitError):
@@ -1008,7 +1008,9 @@ def pipeline_main(argv: list[str]) -> int:
                      dry_run=args.dry_run, num_processes=args.num_processes, deepspeed=args.deepspeed)
     except ProcessesFailed as e:
         return e.code  # the launcher printed the processes' error once already
-    if _world() > 1:
+    import torch.distributed
+
+    if _world() > 1 and torch.distributed.is_initialized():
         from accelerate import PartialState
 
         state = PartialState()
