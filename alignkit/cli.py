@@ -8,6 +8,8 @@
     alignkit plot RUN_DIR [RUN_DIR ...]  PNG training curves, several runs overlaid
     alignkit chat MODEL [--compare OTHER]  chat in the terminal (reads stdin line by line when piped)
     alignkit generate MODEL --prompts FILE --out FILE.jsonl  sample (and score) responses, resumable
+    alignkit pipeline FILE.yaml [--dry-run] [--from STAGE]  named stages (SFT -> RM -> PPO ...) in one file
+    alignkit estimate METHOD [CONFIG.yaml] --gpus N --gpu-memory 40GB  will the run fit, and what would
 
 Every expected error (:class:`alignkit.errors.AlignkitError`) is one line on stderr, printed once (rank 0,
 or the launcher for the processes it started), and the exit code is 2; ``--debug`` (or
@@ -68,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample (and score) responses for a prompt file into JSONL",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("pipeline", help="run named stages (SFT -> RM -> PPO, ...) from one YAML file",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("estimate", help="per-GPU memory of a run by phase: will it fit, and what would make it",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("plot", help="PNG plots of the training curves of one or more runs, overlaid",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ["ALIGNKIT_DEBUG"] = "1"  # the processes a launch starts inherit it
     argv = [a for a in argv if a != "--debug"]
-    if argv[:1] in (["convert"], ["assets"], ["plot"], ["chat"], ["generate"]):  # own parsers take the rest
+    own_parsers = ("convert", "assets", "plot", "chat", "generate", "pipeline", "estimate")
+    if argv[:1] and argv[0] in own_parsers:  # their own parsers take the rest
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)
@@ -145,6 +154,14 @@ def _run(args, argv: list[str]) -> int:
         from alignkit.generate import generate_main
 
         return generate_main(args.rest)
+    if args.command == "pipeline":
+        from alignkit.pipeline import pipeline_main
+
+        return pipeline_main(args.rest)
+    if args.command == "estimate":
+        from alignkit.estimate import estimate_main
+
+        return estimate_main(args.rest)
     if args.command == "plot":
         from alignkit.training.plots import plot_main
 

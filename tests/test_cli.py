@@ -89,3 +89,17 @@ def test_reward_functions_import_from_the_current_folder(tmp_path, tiny_model_di
                 "--set", "rloo.rollout_batch_size=2", "--set", "rloo.generation.max_new_tokens=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reward/length" in (tmp_path / "o" / "metrics.jsonl").read_text()
+
+
+def test_the_workflow_commands_are_wired(tmp_path):
+    """pipeline and estimate run through `alignkit` itself (their own parsers take the rest)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = _cli("pipeline", str(root / "examples/sentiment/demo_pipeline.yaml"), "--dry-run", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage 8/8: answers" in proc.stdout
+    proc = _cli("estimate", "sft", "--set", "model.name_or_path=smollm2-135m-instruct", "--gpus", "1",
+                "--gpu-memory", "40GB", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["fits"] is True
+    proc = _cli("pipeline", "missing.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and len(_errors(proc)) == 1, proc.stderr
