@@ -135,6 +135,7 @@ class TrainingConfig:
     deepspeed: str | None = opt(None, "DeepSpeed: zero1, zero2, zero3, or a path to a DeepSpeed JSON config.")
     zero_offload: bool = opt(False, "With ZeRO-2/3: keep optimizer state (and ZeRO-3 params) in CPU memory.")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
+    group_by_length: bool = opt(False, "Offline methods: batch rows of similar length (windows of 50 global batches sorted by length, batch order shuffled); same rows per epoch, exact resume.")
 
     def validate(self) -> None:
         check_choice("training.lr_scheduler", self.lr_scheduler, ["cosine", "linear", "constant"])

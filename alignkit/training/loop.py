@@ -255,7 +255,7 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
     G = t.gradient_accumulation_steps
     stream = BatchStream(train_rows, method.collate, batch_size=t.per_device_batch_size,
                          world=accelerator.num_processes, rank=accelerator.process_index, seed=t.seed,
-                         num_workers=t.dataloader_num_workers)
+                         num_workers=t.dataloader_num_workers, group_by_length=t.group_by_length)
     max_steps = total_updates(t, stream.batches_per_epoch)
     run = start_training(accelerator, cfg, model, tokenizer, resume_from=resume_from, total_steps=max_steps,
                          total_updates=max_steps, method_state=method,

@@ -66,13 +66,16 @@ def _lora(tok):
                                                         target_modules="all-linear"))
 
 
-@pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_exact_resume(tmp_path, monkeypatch, finetune):
-    """6 steps straight == 3 steps, crash, resume, 3 more: same losses and same weights."""
+@pytest.mark.parametrize("finetune, group_by_length", [("full", False), ("lora", False), ("full", True)])
+def test_exact_resume(tmp_path, monkeypatch, finetune, group_by_length):
+    """6 steps straight == 3 steps, crash, resume, 3 more: same losses and same weights (also with
+    length-grouped batches, whose order crosses an epoch boundary here)."""
     tok = tiny_tokenizer()
     make = (lambda: tiny_llama(tok)) if finetune == "full" else (lambda: _lora(tok))
     straight = tmp_path / "straight"
-    res_a = _train(_cfg(straight, save_steps=3, gradient_accumulation_steps=2, per_device_batch_size=2), make(), tok)
+    geometry = {"save_steps": 3, "gradient_accumulation_steps": 2, "per_device_batch_size": 2,
+                "group_by_length": group_by_length}
+    res_a = _train(_cfg(straight, **geometry), make(), tok)
 
     resumed = tmp_path / "resumed"
     real_save = Checkpointer.save
@@ -85,15 +88,14 @@ def test_exact_resume(tmp_path, monkeypatch, finetune):
 
     monkeypatch.setattr(Checkpointer, "save", save_then_crash)
     with pytest.raises(Crash):
-        _train(_cfg(resumed, save_steps=3, gradient_accumulation_steps=2, per_device_batch_size=2), make(), tok)
+        _train(_cfg(resumed, **geometry), make(), tok)
     monkeypatch.setattr(Checkpointer, "save", real_save)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     torch.manual_seed(1234)  # a different RNG state: resume must restore the saved one
-    res_b = _train(_cfg(resumed, save_steps=3, gradient_accumulation_steps=2, per_device_batch_size=2,
-                        resume="latest"), make(), tok)
+    res_b = _train(_cfg(resumed, **geometry, resume="latest"), make(), tok)
 
     la, lb = _losses(straight), _losses(resumed)
     for step in range(1, 7):
