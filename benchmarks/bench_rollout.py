@@ -1,4 +1,5 @@
-"""Rollout throughput: the hf sampler (model.generate on the policy) vs the vllm sampler (vLLM in-process).
+"""Rollout throughput: the hf sampler (model.generate on the policy; with and without its shared prompt prefill)
+vs the vllm sampler (vLLM in-process).
 
 Same model (SmolLM2-135M-Instruct, fp32), same chat prompts, samples per prompt, response length and seeds;
 both stop at EOS, so tokens/s counts the response tokens each produced. The vllm sampler's weight sync
@@ -80,8 +81,13 @@ def main() -> None:
     prompts = chat_prompts(tokenizer, args.prompts)
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, num_samples=args.samples, temperature=1.0)
 
+    apart = timed_rollouts(build_sampler(dataclasses.replace(config, share_prefill=False), tokenizer), policy,
+                           prompts, args.repeats)
+    print(f"hf, prefill per row  {apart['tokens'] / apart['s']:8.1f} tok/s ({apart['tokens']} tokens in "
+          f"{apart['s']:.2f} s)", flush=True)
     hf = timed_rollouts(build_sampler(config, tokenizer), policy, prompts, args.repeats)
-    print(f"hf    {hf['tokens'] / hf['s']:8.1f} tok/s ({hf['tokens']} tokens in {hf['s']:.2f} s)", flush=True)
+    print(f"hf, shared prefill   {hf['tokens'] / hf['s']:8.1f} tok/s ({hf['tokens']} tokens in {hf['s']:.2f} s)",
+          flush=True)
 
     start = time.perf_counter()
     sampler = build_sampler(dataclasses.replace(config, sampler="vllm"), tokenizer,
@@ -101,13 +107,15 @@ def main() -> None:
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    rows = [("hf (model.generate)", hf, 0.0), (f"vllm {vllm.__version__}", ours, sync)]
+    rows = [("hf, one prefill per row (`share_prefill: false`; before)", apart, 0.0),
+            ("hf, one prefill per prompt (default)", hf, 0.0), (f"vllm {vllm.__version__}", ours, sync)]
     lines = [f"### Rollouts: hf vs vllm sampler ({time.strftime('%Y-%m-%d')}, {device}, OMP_NUM_THREADS={threads}, "
              f"torch {torch.__version__}, Python {platform.python_version()})", "",
              f"SmolLM2-135M-Instruct in fp32, {args.prompts} chat prompts x {args.samples} samples, up to "
              f"{args.max_new_tokens} new tokens (temperature 1, stop at EOS), median of {args.repeats} rollouts "
              f"after a warm-up. vLLM start-up: {startup:.1f} s, once per run. Rollout = weight sync + generation "
-             "(the vllm sampler syncs before every rollout in training).", "",
+             "(the vllm sampler syncs before every rollout in training). \"vs hf\" compares with the hf "
+             "sampler's default.", "",
              "| sampler | response tokens | generation s | generation tok/s | sync s | rollout tok/s | vs hf |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     hf_rate = hf["tokens"] / hf["s"]

@@ -22,6 +22,9 @@ class SamplingConfig:
     do_sample: bool = opt(True, "Sample; false = greedy decoding (temperature/top_p/top_k ignored).")
     batch_size: int = opt(0, "Sequences (prompts x samples) per generate call; 0 = all at once. Lower it when "
                              "generation runs out of memory.")
+    share_prefill: bool = opt(True, "hf sampler: run each prompt's prefill once and copy its KV cache to its "
+                                    "num_samples rows, instead of once per row (same responses; batch_size, if "
+                                    "set, is rounded down to whole prompts).")
     sampler: str = opt("hf", "hf (model.generate on the training model) or vllm (a colocated vLLM; "
                              "pip install alignkit[vllm]).")
     zero3_gather: bool = opt(True, "Under DeepSpeed ZeRO-3, gather the full weights once per rollout (fast; every GPU "

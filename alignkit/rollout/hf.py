@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -43,7 +44,9 @@ class HFSampler:
       touched) and positions follow the attention mask, so a prompt's response does not depend on
       the other prompts of its batch.
     - ``num_samples`` copies of each prompt are consecutive rows; batches of ``batch_size`` sequences
-      bound the KV-cache memory.
+      bound the KV-cache memory. With ``share_prefill`` each prompt's prefill runs once and its KV cache
+      is copied to its rows (``batch_size`` a multiple of ``num_samples``; a smaller batch is rounded
+      down to whole groups).
     - Stops at any eos id of the tokenizer and of the model's (generation) config.
     - The model runs in eval mode with ``use_cache=True`` and goes back to its previous mode after.
     - Works on plain and PEFT models and on accelerate/DDP/DeepSpeed wrappers (unwrapped here). Under
@@ -100,6 +103,12 @@ class HFSampler:
         step = self.config.batch_size or len(expanded)
         zero3 = bool(zero3_params(model))
         gather = self.config.zero3_gather
+        # One prefill per prompt, its KV cache copied to the prompt's k rows (chunks rounded down to whole
+        # groups). Not with per-layer ZeRO-3 fetches (synced_gpus) nor for one-token prompts (no prefix).
+        share = (self.config.share_prefill and k > 1 and step >= k and not (zero3 and not gather)
+                 and min(map(len, prompts)) > 1)
+        if share:
+            step -= step % k
 
         responses: list[list[int]] = []
         response_logps: list[list[float]] | None = [] if logps else None
@@ -115,9 +124,10 @@ class HFSampler:
                 torch.manual_seed(seed)
             for start in range(0, len(expanded), step):
                 chunk = expanded[start:start + step]
-                ids = pad(chunk, pad_id, side="left")
-                mask = attention_mask_from_lengths([len(p) for p in chunk], side="left")
-                out = inner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                ids = pad(chunk, pad_id, side="left").to(device)
+                mask = attention_mask_from_lengths([len(p) for p in chunk], side="left").to(device)
+                cache = _shared_prefill(inner, ids[::k], mask[::k], k) if share else None
+                out = inner.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                      generation_config=gen_config, synced_gpus=zero3 and not gather)
                 sequences = out.sequences if logps else out
                 new_tokens = sequences[:, ids.shape[1]:]
@@ -126,6 +136,26 @@ class HFSampler:
                     response_logps += _token_logps(out.scores, new_tokens).tolist()
         return build_rollout(expanded, responses, prompt_index, eos_ids, pad_id, self.tokenizer, device,
                              logps=response_logps)
+
+
+def _shared_prefill(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, k: int):
+    """The KV cache of every prompt but its last token, computed once per prompt and repeated for its
+    ``k`` samples; ``generate`` then starts from the last prompt token. Returns None where the model's
+    cache cannot be repeated (generate then prefills every row itself).
+
+    Left padding puts every prompt's last token in the last column, so the prefix is ``ids[:, :-1]``; its
+    positions follow the mask as generate's would (padding at position 1, masked out either way).
+    """
+    prefix_mask = mask[:, :-1]
+    positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    out = model(input_ids=ids[:, :-1], attention_mask=prefix_mask, position_ids=positions, use_cache=True, **head)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(k)
+    return cache
 
 
 def _token_logps(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

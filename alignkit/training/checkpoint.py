@@ -178,7 +178,7 @@ def lock_output_dir(accelerator, output_dir: str | Path) -> None:
 RESUMABLE_TRAINING = {"output_dir", "overwrite_output_dir", "resume", "max_steps", "num_epochs", "logging_steps",
                       "eval_steps", "save_steps", "save_total_limit", "report_to", "wandb_project", "run_name",
                       "max_nonfinite_updates", "dataloader_num_workers", "zero_offload"}
-RESUMABLE_METHOD = {"log_samples", "eval_before", "eval_kl_to_teacher", "generation.batch_size",
+RESUMABLE_METHOD = {"log_samples", "eval_before", "eval_kl_to_teacher", "generation.batch_size", "generation.share_prefill",
                     "generation.zero3_gather", "generation.vllm_gpu_memory_utilization", "reward.model_batch_size",
                     "reward.url_timeout", "reward.url_retries"}
 

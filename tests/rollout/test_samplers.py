@@ -382,3 +382,32 @@ def test_checkpoint_generation_defaults_do_not_change_the_sampling(tok, model):
         assert real_rows(out) == real_rows(clean)
         assert base.generation_config.suppress_tokens == [first]  # restored
         assert m.generate(torch.tensor(prompts), max_new_tokens=1, do_sample=False)[0, -1] != first  # it matters
+
+
+@pytest.mark.parametrize("batch_size, sampled", [(0, True), (6, True), (5, False)])
+def test_shared_prefill_gives_the_responses_of_one_prefill_per_row(tok, model, batch_size, sampled):
+    """Each prompt prefilled once and its cache copied to its samples: the same tokens and sampler log-probs
+    (greedy; seeded sampling with the same micro-batches, since their shapes decide the random draws; a
+    micro-batch of 5 is rounded down to whole prompts, 3 rows)."""
+    prompts = [ids(tok, "the big red dog"), ids(tok, "tell me about paris please"), ids(tok, "one two three four")]
+    for kw in [dict(do_sample=False)] + [dict(temperature=0.9, top_k=40)] * sampled:
+        cfg = dict(max_new_tokens=7, num_samples=3, batch_size=batch_size, **kw)
+        shared = HFSampler(tok, SamplingConfig(**cfg)).generate(model, prompts, seed=5, logps=True)
+        apart = HFSampler(tok, SamplingConfig(share_prefill=False, **cfg)).generate(model, prompts, seed=5,
+                                                                                    logps=True)
+        assert real_rows(shared) == real_rows(apart)
+        assert torch.allclose(shared.sampler_logps, apart.sampler_logps, atol=1e-5)
+
+
+def test_shared_prefill_runs_one_prefill_per_prompt(tok, model, monkeypatch):
+    """The model sees each prompt's prefix once (3 rows, not 3 x 4), then only new tokens per step."""
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        prompts = [ids(tok, "the big red dog"), ids(tok, "tell me about paris please"), ids(tok, "one two")]
+        HFSampler(tok, SamplingConfig(max_new_tokens=4, num_samples=4)).generate(model, prompts, seed=0)
+    finally:
+        hook.remove()
+    P = max(map(len, prompts))
+    assert seen[0] == (3, P - 1)  # the shared prefix
+    assert all(shape == (12, 1) for shape in seen[1:])  # the last prompt token, then one token per step
