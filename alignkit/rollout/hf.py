@@ -127,7 +127,7 @@ class HFSampler:
                 ids = pad(chunk, pad_id, side="left").to(device)
                 mask = attention_mask_from_lengths([len(p) for p in chunk], side="left").to(device)
                 cache = _shared_prefill(inner, ids[::k], mask[::k], k) if share else None
-                out = inner.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                out = inner.generate(input_ids=ids, attention_mask=mask, **_cache_kwarg(inner, cache),
                                      generation_config=gen_config, synced_gpus=zero3 and not gather)
                 sequences = out.sequences if logps else out
                 new_tokens = sequences[:, ids.shape[1]:]
@@ -151,11 +151,20 @@ def _shared_prefill(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     out = model(input_ids=ids[:, :-1], attention_mask=prefix_mask, position_ids=positions, use_cache=True, **head)
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(k)
     return cache
+
+
+def _cache_kwarg(model: torch.nn.Module, cache) -> dict:
+    """``{name: cache}`` under the name this transformers takes (``cache`` from 5.2x, ``past_key_values``
+    before), or nothing."""
+    if cache is None:
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": cache}
 
 
 def _token_logps(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
