@@ -88,7 +88,7 @@ class PolicyAndCritic(torch.nn.Module):
     """Policy and critic as one module: one accelerate/DeepSpeed engine, one optimizer, one forward (DDP
     syncs both), one checkpoint. ``generate``, ``config``, ``generation_config`` and ``get_base_model``
     are the policy's, so a sampler samples from this module like from the policy itself (and under
-    ZeRO-3 gathers it once per rollout)."""
+    ZeRO-3 gathers only the policy, ``sampled_module``, once per rollout)."""
 
     def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module):
         super().__init__()
@@ -103,6 +103,11 @@ class PolicyAndCritic(torch.nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.policy.generate(*args, **kwargs)
+
+    @property
+    def sampled_module(self) -> torch.nn.Module:
+        """What a sampler runs: the policy (under ZeRO-3 only its weights are gathered to generate)."""
+        return self.policy
 
     def get_base_model(self) -> torch.nn.Module:
         return self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy

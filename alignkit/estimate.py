@@ -884,9 +884,8 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
         if _sampler_logps(cfg, s):  # generate keeps each step's float32 [sequences, V] scores
             rollout["sampler scores (log-probs)"] = 4.0 * gen_batch * response * arch.vocab
         rollout["generation forward"] = inference_workspace(arch, gen_batch, prompt, gen_batch, s) + 3 * 4 * gen_batch * arch.vocab
-        if s.stage == 3:  # the sampler gathers the whole trained module (PPO: policy and critic)
-            gathered = policy.full + (critic.full if critic_arch is not None else 0.0)
-            rollout["ZeRO-3 gathered policy"] = gathered if g.zero3_gather else zero3_working_set(arch, s)
+        if s.stage == 3:  # the sampler gathers the policy (PPO's critic stays partitioned)
+            rollout["ZeRO-3 gathered policy"] = policy.full if g.zero3_gather else zero3_working_set(arch, s)
     plan.phase("rollout", rollout)
     # scoring without gradients: old log-probs (+ values), reference, reward model
     scoring = {"policy forward (no grad)": inference_workspace(arch, b, seq, b * (response + 1), s)}

@@ -708,19 +708,18 @@ def seeds_discussion() -> str:
     rloo3 = ("rloo", "lora", "zero3", QWEN, QWEN)
     no_gather, checkpointing = "generation.zero3_gather=false", "model.gradient_checkpointing=true"
     return f"""\
-Four of the five verdicts agree with what was seen. The disagreement and the numbers:
+All five verdicts agree with what was seen. The numbers behind them:
 
-- **PPO LoRA ZeRO-3 (seen: fits at 20-25 GB; estimated: {peak(*ppo3)} GiB, OOM).** The estimate's peak is
-  the rollout. alignkit trains PPO's policy and critic as one module, and its HF sampler gathers that whole
-  module under ZeRO-3 (`generation.zero3_gather`, the default): the critic's 6.6B weights are gathered with
-  the policy's for every rollout, about 25 GiB next to the shards. Generating with per-layer gathers
-  (`--set ppo.{no_gather}`, one of the estimate's suggestions) gives {peak(*ppo3, "ppo." + no_gather)} GiB,
-  and with gradient checkpointing as well {peak(*ppo3, "ppo." + no_gather, checkpointing)} GiB: the seen
-  range. The seen run did not gather the critic (a framework with a value head on the policy, or per-layer
-  gathers); alignkit as configured would. Gathering only the policy's parameters for generation would
-  remove this cost (reported as an alignkit issue).
-- **RLOO LoRA ZeRO-3 (seen 15-30 GB; estimated {peak(*rloo3)} GiB).** Above the seen range for the same
-  reason: each GPU gathers the whole Qwen2-7B policy (14.2 GiB) on top of its shards while generating.
+- **PPO LoRA ZeRO-3 (seen: fits at 20-25 GB; estimated: {peak(*ppo3)} GiB, fits).** alignkit trains PPO's
+  policy and critic as one ZeRO-3 engine; to generate, the HF sampler gathers only the policy's weights
+  (`generation.zero3_gather`, the default), while the critic's 6.6B stay partitioned. Before that was so,
+  the sampler gathered the critic as well (about 25 GiB more per GPU, 44.7 GiB: OOM). Generating with
+  per-layer gathers (`--set ppo.{no_gather}`) gives {peak(*ppo3, "ppo." + no_gather)} GiB, and with gradient
+  checkpointing as well {peak(*ppo3, "ppo." + no_gather, checkpointing)} GiB. The seen figure is below the
+  estimate, which assumes every response at its full length and no checkpointing.
+- **RLOO LoRA ZeRO-3 (seen 15-30 GB; estimated {peak(*rloo3)} GiB).** Above the seen range: each GPU
+  gathers the whole Qwen2-7B policy (14.2 GiB) on top of its shards while generating, the price of one
+  gather per rollout instead of one per layer per token.
   Without the gather and with checkpointing: {peak(*rloo3, "rloo." + no_gather, checkpointing)} GiB.
 - **The ZeRO-2 OOM is decided by the activations.** Without gradient checkpointing (alignkit's default)
   the PPO run needs {peak("ppo", "lora", "zero2", LLAMA, GEMMA)} GiB, with it

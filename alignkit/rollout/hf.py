@@ -115,8 +115,8 @@ class HFSampler:
         with contextlib.ExitStack() as stack:
             stack.enter_context(eval_mode(inner))
             stack.enter_context(_clean_generation_config(inner))
-            if zero3 and gather:
-                stack.enter_context(gathered_parameters(model))
+            if zero3 and gather:  # only what generates: PPO's engine also holds the critic
+                stack.enter_context(gathered_parameters(model, part=getattr(inner, "sampled_module", None)))
             device = torch.device(self.device) if self.device is not None else model_device(inner)
             if seed is not None:
                 devices = [device] if device.type == "cuda" else []

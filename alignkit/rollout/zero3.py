@@ -39,15 +39,17 @@ def _hook_owner(model):
 
 
 @contextlib.contextmanager
-def gathered_parameters(model: torch.nn.Module) -> Iterator[bool]:
+def gathered_parameters(model: torch.nn.Module, part: torch.nn.Module | None = None) -> Iterator[bool]:
     """Full (un-partitioned) parameters of a ZeRO-3 model inside the block; a no-op for other models.
 
     Yields whether it gathered. One all-gather for the whole block instead of one per layer per forward,
     so generation runs at normal speed; the price is memory: every GPU holds all the weights (in the
-    training dtype) for the duration. ZeRO-3's per-module hooks are removed meanwhile (they would
-    re-partition after each forward) and registered again after. A collective: every process must enter.
+    training dtype) for the duration. ``part``: gather only this submodule's parameters (the policy of
+    PPO's policy-and-critic engine; the rest must not run inside the block). ZeRO-3's per-module hooks are
+    removed meanwhile (they would re-partition after each forward) and registered again after. A
+    collective: every process must enter.
     """
-    params = zero3_params(model)
+    params = zero3_params(part if part is not None else model)
     if not params:
         yield False
         return

@@ -231,6 +231,20 @@ def test_zero3_parameters_are_gathered_once_per_rollout(tok, monkeypatch):
     assert len(rollout) == 3
 
 
+def test_ppo_engine_gathers_only_the_policy_to_generate(tok, monkeypatch):
+    """PPO trains policy and critic as one ZeRO-3 engine; generating needs the policy's weights only."""
+    from alignkit.critic import PolicyAndCritic
+    from alignkit.testing import tiny_llama
+
+    policy, critic = tiny_llama(tok).eval(), tiny_llama(tok).eval()
+    both = PolicyAndCritic(policy, critic)
+    rec = _Recorder()
+    wrapped = _fake_zero3(monkeypatch, both, rec)
+    rollout = greedy(tok, max_new_tokens=3).generate(wrapped, [ids(tok, "the cat")])
+    assert rec.gathers == [len(list(policy.parameters()))] and len(rollout) == 1
+    assert rec.removed == 3 and rec.registered == 1
+
+
 def test_weights_for_vllm_are_gathered_one_layer_at_a_time_under_zero3(tok, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
