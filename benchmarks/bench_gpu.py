@@ -1,0 +1,352 @@
+"""Online RL on one GPU, bf16: GRPO, PPO, GRPO under DeepSpeed ZeRO-3 and QLoRA GRPO on a ~0.4B Qwen2-style model.
+
+A prepared check for a single-GPU machine that can download nothing (no Hugging Face Hub, no PyPI). Four
+cases, each ``alignkit.train`` in its own subprocess (peak memory = its ``torch.cuda.max_memory_allocated``):
+
+1. ``grpo``: GRPO, full fine-tuning, HF sampler, KL to a frozen reference (loss, k3);
+2. ``ppo``: PPO, full fine-tuning; critic from the policy checkpoint, reward from a random-init sequence
+   classifier (num_labels=1, a smaller Qwen2 config sharing the tokenizer);
+3. ``grpo-zero3``: case 1 under DeepSpeed ZeRO-3 in one process (alignkit makes it a group of one);
+4. ``grpo-qlora``: case 1 with ``model.finetune=qlora`` (NF4 base via bitsandbytes + LoRA r=16).
+
+The policy is a random-init Qwen2 config (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
+tied embeddings: Qwen2.5-0.5B's shape with SmolLM2's 49,152-token vocabulary, ~0.4B parameters), built
+in bf16 once by the parent. Prompts are openings of real movie reviews (``examples.sentiment.task``);
+GRPO's reward is ``bench_rl:positive_words``. Reported per case: samples/s (completions) over the steps
+after ``--warmup``, peak memory (MiB) and the wall time of the whole subprocess. The section
+``<!-- gpu-rl -->`` of docs/benchmarks.md is written even when a case fails (its row says why); the exit
+status is then 1. ``--budget`` bounds the whole run (cases that would start too late are not run).
+
+The machine has no assets, so first, here (CPU, network), save the tokenizer and the prompts (~4 MB; the
+folder is git-ignored, so the device run must carry it):
+
+    python benchmarks/bench_gpu.py --prepare            # writes .gpu_assets/
+
+Then on the device machine (one call; it must finish well under 10 minutes: the defaults, 8 prompts x 4
+samples, 64 new tokens, 4 timed steps after 1 warm-up, take a few minutes), carrying ``.gpu_assets``:
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_gpu.py --assets .gpu_assets --steps 4 --warmup 1 2>&1 | tee $OUT/log; cp docs/benchmarks.md $OUT/
+
+Without CUDA the script exits at once (status 2). ``--smoke`` runs the same four cases on CPU, fp32, with a
+tiny Qwen2 config and the carried tokenizer, a few tokens and steps, writing to a scratch ``--out`` (a
+check of the code paths, not a benchmark).
+
+The other GPU parts of the benchmarks (see their docstrings; neither is run by this script):
+
+    python benchmarks/bench_offline_long.py --suite gpu   # bf16 DPO at 2048 tokens, alignkit vs TRL
+    python benchmarks/bench_estimate.py --gpu             # `alignkit estimate` vs max_memory_allocated
+
+``bench_offline_long.py --suite gpu`` calls ``alignkit.assets.fetch`` (``smollm2-135m-instruct`` for its
+tokenizer, ``alpaca-demo`` for the data) and runs TRL, so offline it needs an ``ALIGNKIT_CACHE`` holding those
+assets and TRL (with ``datasets``) installed; ``bench_estimate.py --gpu`` uses the built-in tiny tokenizer and
+config presets and fetches nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # alignkit from source (it is not installed on the device) and examples/
+
+from common import cuda, peak_mb, write_section  # noqa: E402
+
+SECTION = "gpu-rl"
+DEFAULT_ASSETS = ROOT / ".gpu_assets"
+PREPARED_PROMPTS = 1024
+REWARD_FUNCTION = "bench_rl:positive_words"
+KL_COEF = 0.04
+LORA_R = 16
+
+# Qwen2.5-0.5B's shape (hidden, layers, heads, intermediate) with the carried tokenizer's vocabulary
+POLICY = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+          "intermediate_size": 4864, "tie_word_embeddings": True}
+REWARD_MODEL = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+                "intermediate_size": 1536, "tie_word_embeddings": False}
+# --smoke: the same code paths on CPU with tiny widths
+TINY_POLICY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "intermediate_size": 128, "tie_word_embeddings": True}
+TINY_REWARD_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "intermediate_size": 64, "tie_word_embeddings": False}
+
+CASES = {
+    "grpo": "GRPO, full fine-tuning",
+    "ppo": "PPO, full fine-tuning (critic from the policy, reward model)",
+    "grpo-zero3": "GRPO, full fine-tuning, DeepSpeed ZeRO-3 (one process)",
+    "grpo-qlora": f"GRPO, QLoRA (NF4 base, LoRA r={LORA_R})",
+}
+NEEDS = {"grpo-zero3": "deepspeed", "grpo-qlora": "bitsandbytes"}  # packages a case needs beyond alignkit's own
+
+
+# --------------------------------------------------------------------------------------------------
+# --prepare: the tokenizer and the prompts, saved where the device run can read them offline
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare(folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from alignkit.assets import fetch
+    from examples.sentiment.task import load_reviews, prompts, split_reviews, write_jsonl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = folder / "tokenizer"
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    AutoTokenizer.from_pretrained(fetch("smollm2-135m-instruct")).save_pretrained(tokenizer_dir)
+    train, _ = split_reviews(load_reviews())
+    write_jsonl(prompts(train, PREPARED_PROMPTS), folder / "prompts.jsonl")
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    print(f"wrote {folder}: SmolLM2 tokenizer ({', '.join(sorted(p.name for p in tokenizer_dir.iterdir()))}) and "
+          f"{PREPARED_PROMPTS} prompts, {size / 2**20:.1f} MiB")
+
+
+def _assets(args) -> tuple[Path, Path]:
+    folder = Path(args.assets)
+    tokenizer, data = folder / "tokenizer", folder / "prompts.jsonl"
+    if not (tokenizer / "tokenizer_config.json").exists() or not data.exists():
+        raise SystemExit(f"{folder} lacks the tokenizer or prompts.jsonl: run `python benchmarks/bench_gpu.py "
+                         f"--prepare {folder}` on a machine with the assets, and carry the folder.")
+    return tokenizer, data
+
+
+# --------------------------------------------------------------------------------------------------
+# The models (built once by the parent, on the CPU, random init)
+# --------------------------------------------------------------------------------------------------
+
+
+def build_models(args, work: Path) -> dict:
+    """Write the policy and the reward model as HF folders under ``work``; their paths and sizes."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    tokenizer_dir, _ = _assets(args)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id, "max_position_embeddings": 4096}
+    out = {}
+    torch.manual_seed(0)
+    for name, cls, shape, extra in (
+            ("policy", Qwen2ForCausalLM, TINY_POLICY if args.smoke else POLICY, {}),
+            ("reward_model", Qwen2ForSequenceClassification, TINY_REWARD_MODEL if args.smoke else REWARD_MODEL,
+             {"num_labels": 1})):
+        model = cls(Qwen2Config(**ids, **shape, **extra)).to(dtype)
+        path = work / "models" / name
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out[name] = {"path": str(path), "params": sum(p.numel() for p in model.parameters())}
+        del model
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One case (a child process)
+# --------------------------------------------------------------------------------------------------
+
+
+def run_case(args) -> dict:
+    import alignkit
+
+    models = json.loads((Path(args.work) / "models.json").read_text())
+    _, data = _assets(args)
+    case, smoke = args.only, args.smoke
+    out = Path(args.work) / case
+    n = args.prompts * args.samples  # completions per step
+    generation = {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "sampler": "hf"}
+    model = {"name_or_path": models["policy"]["path"], "dtype": "float32" if smoke else "bfloat16"}
+    training = {"output_dir": str(out), "max_steps": args.steps + args.warmup, "per_device_batch_size": n,
+                "learning_rate": 1e-6, "report_to": ["jsonl"], "mixed_precision": "no" if smoke else "bf16",
+                "overwrite_output_dir": True, "lr_scheduler": "constant", "seed": 0}
+    if case == "ppo":
+        method = "ppo"
+        section = {"generation": {**generation, "num_samples": 1}, "rollout_batch_size": n, "ppo_epochs": 1,
+                   "kl_coef": KL_COEF, "critic_init": "policy",
+                   "reward": {"model": models["reward_model"]["path"]}}
+    else:
+        method = "grpo"
+        section = {"generation": {**generation, "num_samples": args.samples}, "rollout_batch_size": args.prompts,
+                   "ppo_epochs": 1, "kl_coef": KL_COEF, "kl_penalty": "loss", "kl_estimator": "k3",
+                   "loss_agg": "seq-mean-token-mean", "reward": {"functions": [REWARD_FUNCTION]}}
+    if case == "grpo-zero3":
+        training["deepspeed"] = "zero3"
+    if case == "grpo-qlora":
+        model.update(finetune="qlora", lora_r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0)
+        training["learning_rate"] = 1e-5
+    alignkit.train(method, model=model, data={"train": [str(data)], "max_length": 256},
+                   training=training, **{method: section})
+    times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    if len(times) != args.steps + args.warmup:
+        raise RuntimeError(f"expected {args.steps + args.warmup} logged steps, found {len(times)}")
+    elapsed = times[-1] - times[args.warmup - 1]
+    return {"samples_per_s": n * args.steps / elapsed, "step_s": elapsed / args.steps, "peak_mb": peak_mb()}
+
+
+def child(args, case: str, work: Path, timeout: float) -> dict:
+    """Run ``case`` in its own process, its output echoed line by line; its RESULT, or {"error": why}."""
+    cmd = [sys.executable, __file__, "--only", case, "--work", str(work), "--assets", str(args.assets),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts),
+           "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens)] + (["--smoke"] * args.smoke)
+    paths = [str(ROOT / "benchmarks"), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", WANDB_MODE="disabled", TQDM_DISABLE="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each case is a process of its own (ZeRO-3: a group of one)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    lines: list[str] = []
+
+    def echo() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            print(f"[{case}] {lines[-1]}", flush=True)
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group (it started a new session)
+        proc.wait()
+        reader.join(5)
+        return {"error": f"timed out after {timeout:.0f} s", "seconds": time.perf_counter() - start}
+    reader.join(5)
+    seconds = time.perf_counter() - start
+    found = [x for x in lines if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not found:
+        last = next((x.strip() for x in reversed(lines) if x.strip()), "no output")
+        return {"error": f"exit status {proc.returncode}: {last[:300]}", "seconds": seconds}
+    return {**json.loads(found[-1][7:]), "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run and the report
+# --------------------------------------------------------------------------------------------------
+
+
+def run_all(args) -> int:
+    t0 = time.perf_counter()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-gpu-") as tmp:
+        work = Path(tmp)
+        models = build_models(args, work)
+        (work / "models.json").write_text(json.dumps(models))
+        print(f"models: policy {models['policy']['params'] / 1e6:.1f}M parameters, reward model "
+              f"{models['reward_model']['params'] / 1e6:.1f}M ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for case in CASES:
+            left = args.budget - (time.perf_counter() - t0)
+            need = NEEDS.get(case)
+            if need and importlib.util.find_spec(need) is None:
+                results[case] = {"error": f"not run: {need} is not installed"}
+            elif left < 30:
+                results[case] = {"error": f"not run: the --budget of {args.budget:.0f} s was spent"}
+            else:
+                results[case] = child(args, case, work, min(left, args.case_timeout))
+                shutil.rmtree(work / case, ignore_errors=True)  # its saved model: free the disk
+            r = results[case]
+            shown = r["error"] if "error" in r else (f"{r['samples_per_s']:8.2f} samples/s  peak "
+                                                     f"{r['peak_mb']:8.0f} MiB  ({r['seconds']:.0f} s)")
+            print(f"{case:11s} {shown}", flush=True)
+    section = report(args, models, results)
+    print("\n" + section, flush=True)
+    write_section(args.out, SECTION, command(args), section)
+    print(f"wrote section {SECTION} of {args.out} ({time.perf_counter() - t0:.0f} s in all)", flush=True)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def command(args) -> str:
+    parts = ["python benchmarks/bench_gpu.py"] + ["--smoke"] * args.smoke + [
+        f"--steps {args.steps} --warmup {args.warmup}", f"--prompts {args.prompts} --samples {args.samples}",
+        f"--max-new-tokens {args.max_new_tokens}"]
+    return " ".join(parts)
+
+
+def report(args, models: dict, results: dict[str, dict]) -> str:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    env = f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, Python {platform.python_version()}"
+    shape = TINY_POLICY if args.smoke else POLICY
+    policy_m, rm_m = models["policy"]["params"] / 1e6, models["reward_model"]["params"] / 1e6
+    precision = "fp32 (smoke test: tiny widths, CPU; not a benchmark)" if args.smoke else "bf16 weights and autocast"
+    size = "tiny" if args.smoke else f"~{policy_m / 1e3:.1f}B"
+    lines = [f"### GPU: online RL on a {size} Qwen2-style model ({env})", "",
+             f"Random-init Qwen2 (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+             f"{shape['num_attention_heads']} heads, {shape['num_key_value_heads']} KV heads, intermediate "
+             f"{shape['intermediate_size']}, SmolLM2 vocabulary, {policy_m:.0f}M parameters), {precision}. "
+             f"{args.prompts} prompts (movie-review openings) x {args.samples} samples per step (PPO: "
+             f"{args.prompts * args.samples} prompts x 1), {args.max_new_tokens} new tokens (a random model rarely "
+             f"stops early), HF sampler, KL coefficient {KL_COEF} (reference model kept), one update per rollout, "
+             f"no gradient checkpointing, {args.steps} timed steps after {args.warmup} warm-up. GRPO's reward: "
+             f"`{REWARD_FUNCTION}`; PPO's: a random-init {rm_m:.0f}M Qwen2 sequence classifier, critic from the "
+             "policy checkpoint. Samples = completions. Peak memory: "
+             + ("max RSS." if not torch.cuda.is_available() else "`torch.cuda.max_memory_allocated` of the run's "
+                "process.") + " Run time: the whole subprocess (start, model load, steps, final save).", "",
+             "| case | samples/s | s/step | peak memory (MiB) | run time (s) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for case, title in CASES.items():
+        r = results[case]
+        if "error" in r:
+            lines.append(f"| {title} | {r['error'].replace('|', '/')} | | | |")
+        else:
+            lines.append(f"| {title} | {r['samples_per_s']:.2f} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
+                         f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prepare", nargs="?", const=str(DEFAULT_ASSETS), metavar="DIR",
+                    help="save the tokenizer and prompts into DIR (default .gpu_assets/) and exit; needs the assets")
+    ap.add_argument("--assets", default=str(DEFAULT_ASSETS), help="the folder --prepare wrote")
+    ap.add_argument("--smoke", action="store_true", help="every case on CPU, tiny model, fp32 (a code-path check)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 4; --smoke 2)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (at least 1)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8; --smoke 2)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per prompt (default 4; --smoke 2)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64; --smoke 8")
+    ap.add_argument("--budget", type=float, default=500, help="seconds for the whole run; later cases are skipped")
+    ap.add_argument("--case-timeout", type=float, default=240, help="seconds one case may take")
+    ap.add_argument("--out", default=None, help="markdown file (default docs/benchmarks.md; --smoke: a scratch file)")
+    ap.add_argument("--only", choices=list(CASES), help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.prepare:
+        prepare(Path(args.prepare))
+        return
+    small = {"steps": (4, 2), "prompts": (8, 2), "samples": (4, 2), "max_new_tokens": (64, 8)}
+    for key, (full, tiny) in small.items():
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.smoke else full)
+    if args.warmup < 1 or args.steps < 1 or args.samples < 2:
+        ap.error("--warmup and --steps must be at least 1, --samples at least 2 (GRPO's group)")
+    if args.only:  # child process: one case
+        print("RESULT " + json.dumps(run_case(args)), flush=True)
+        return
+    if not args.smoke and not cuda():
+        print("bench_gpu.py: no CUDA device here; run it on a GPU machine (or --smoke for the CPU code-path check)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    _assets(args)
+    if args.out is None:
+        args.out = (Path(tempfile.gettempdir()) / "alignkit-bench-gpu-smoke.md" if args.smoke
+                    else ROOT / "docs" / "benchmarks.md")
+    raise SystemExit(run_all(args))
+
+
+if __name__ == "__main__":
+    main()
