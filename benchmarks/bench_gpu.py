@@ -17,7 +17,7 @@ after ``--warmup``, peak memory (MiB) and the wall time of the whole subprocess.
 ``<!-- gpu-rl -->`` of docs/benchmarks.md is written even when a case fails (its row says why); the exit
 status is then 1. ``--budget`` bounds the whole run (cases that would start too late are not run).
 
-The machine has no assets, so first, here (CPU, network), save the tokenizer and the prompts (~4 MB; the
+The machine has no assets, so first, here (CPU, network), save the tokenizer, the prompts and the Alpaca rows (~5 MB; the
 folder is git-ignored, so the device run must carry it):
 
     python benchmarks/bench_gpu.py --prepare            # writes .gpu_assets/
@@ -36,10 +36,13 @@ The other GPU parts of the benchmarks (see their docstrings; neither is run by t
     python benchmarks/bench_offline_long.py --suite gpu   # bf16 DPO at 2048 tokens, alignkit vs TRL
     python benchmarks/bench_estimate.py --gpu             # `alignkit estimate` vs max_memory_allocated
 
-``bench_offline_long.py --suite gpu`` calls ``alignkit.assets.fetch`` (``smollm2-135m-instruct`` for its
-tokenizer, ``alpaca-demo`` for the data) and runs TRL, so offline it needs an ``ALIGNKIT_CACHE`` holding those
-assets and TRL (with ``datasets``) installed; ``bench_estimate.py --gpu`` uses the built-in tiny tokenizer and
-config presets and fetches nothing.
+``--prepare`` also saves the Alpaca rows (``alpaca.json``) that ``bench_offline_long.py`` builds its
+preference pairs from: ``bench_offline_long.py --suite gpu --assets .gpu_assets`` then needs no asset cache,
+but it runs TRL, which (with ``datasets``) must travel as wheels (``.whl``, see the device README).
+``bench_estimate.py --gpu`` uses the built-in tiny tokenizer and config presets and fetches nothing.
+
+Packages: the H200 image has neither ``deepspeed`` nor ``bitsandbytes``; carry their wheels for cases 3
+and 4, else those rows say "not run".
 """
 
 from __future__ import annotations
@@ -108,9 +111,10 @@ def prepare(folder: Path) -> None:
     AutoTokenizer.from_pretrained(fetch("smollm2-135m-instruct")).save_pretrained(tokenizer_dir)
     train, _ = split_reviews(load_reviews())
     write_jsonl(prompts(train, PREPARED_PROMPTS), folder / "prompts.jsonl")
+    shutil.copyfile(fetch("alpaca-demo"), folder / "alpaca.json")  # bench_offline_long.py --assets
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     print(f"wrote {folder}: SmolLM2 tokenizer ({', '.join(sorted(p.name for p in tokenizer_dir.iterdir()))}) and "
-          f"{PREPARED_PROMPTS} prompts, {size / 2**20:.1f} MiB")
+          f"{PREPARED_PROMPTS} prompts, alpaca.json, {size / 2**20:.1f} MiB")
 
 
 def _assets(args) -> tuple[Path, Path]:

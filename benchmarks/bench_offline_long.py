@@ -63,12 +63,19 @@ def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
     return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
 
 
+def _prepared(name: str) -> Path | None:
+    """A file or folder of ``--assets`` (``bench_gpu.py --prepare``, for a machine without the asset cache)."""
+    folder = os.environ.get("ALIGNKIT_BENCH_ASSETS")
+    return Path(folder) / name if folder else None
+
+
 def preference_rows(tokenizer, n: int, max_length: int, seed: int = 0) -> list[dict]:
     """``n`` conversational preference pairs: prompt ~ log-uniform in [16, max_length/4] tokens, each
     completion ~ log-uniform in [max_length/8, max_length - prompt] tokens."""
     from alignkit.assets import fetch
 
-    records = json.loads(Path(fetch("alpaca-demo")).read_text())  # the asset is the JSON file
+    source = _prepared("alpaca.json") or Path(fetch("alpaca-demo"))  # the asset is the JSON file
+    records = json.loads(source.read_text())
     records = [r for r in records if r["output"].strip()]
     rng = random.Random(seed)
 
@@ -122,7 +129,7 @@ def _model_dir(args) -> str:
 
         from alignkit.assets import fetch
 
-        tok = AutoTokenizer.from_pretrained(fetch("smollm2-135m-instruct"))
+        tok = AutoTokenizer.from_pretrained(_prepared("tokenizer") or fetch("smollm2-135m-instruct"))
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, **GPU_CONFIG)
@@ -357,7 +364,11 @@ def main() -> None:
     ap.add_argument("--method", choices=METHODS, default="dpo", help=argparse.SUPPRESS)
     ap.add_argument("--finetune", choices=FINETUNES, default="full", help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--assets", help="offline assets from `bench_gpu.py --prepare` (tokenizer/, alpaca.json) "
+                                     "instead of the asset cache (the GPU machine has none)")
     args = ap.parse_args()
+    if args.assets:
+        os.environ["ALIGNKIT_BENCH_ASSETS"] = str(Path(args.assets).resolve())  # the runs' processes inherit it
     if args.only:  # child process: one framework, one configuration
         print("RESULT " + json.dumps(RUNNERS[args.only](args)), flush=True)
         return
