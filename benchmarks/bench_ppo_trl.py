@@ -56,8 +56,8 @@ CLIP, VALUE_CLIP, VF_COEF, GAMMA, LAM = 0.2, 0.2, 0.1, 1.0, 0.95
 WORK = """| per step (N sequences, M = N / minibatches) | alignkit PPO | TRL PPOTrainer |
 | --- | --- | --- |
 | generation | N x R tokens, `model.generate` with KV cache, batches of M | the same |
-| old-policy log-probs | a no-grad policy forward, batches of M | from the generation logits (no forward) |
-| values | the critic, in that same no-grad pass | a separate no-grad value-model forward, batches of M |
+| old-policy log-probs | from the sampler's scores (fp32, full softmax: no forward) | from the generation logits (no forward) |
+| values | a no-grad critic forward, batches of M | a separate no-grad value-model forward, batches of M |
 | reference log-probs | no-grad forward, batches of M | the same |
 | reward | reward-model forward, batches of M | the same |
 | KL penalty, GAE, whitening | k1 x 0.05 per token in the reward; GAE(1, 0.95); whitened advantages | the same |
@@ -341,9 +341,8 @@ def write_report(args, results: dict) -> None:
         f"| TRL {t['trl']} PPOTrainer | {t['samples_per_s']:.3f} | {t['peak_mb']:.0f} | 1.00x | 1.00x |", "",
         f"Target (at least 1.5x TRL's samples/s at no more peak memory): {met}.", "",
         "What each side does per step:", "", WORK, "",
-        "Not made equal: the old-policy log-probs (TRL reuses the generation logits, alignkit runs one more "
-        "no-grad policy forward); the LM-head coverage; the transformers version, so `generate` and the model "
-        "code differ between the two runs (same weights, same outputs).", ""]
+        "Not made equal: the LM-head coverage; the transformers version, so `generate` and the model code "
+        "differ between the two runs (same weights, same outputs).", ""]
     section = "\n".join(lines)
     print("\n" + section)
     write_section(args.out, "ppo-trl", f"python benchmarks/bench_ppo_trl.py --steps {args.steps} --warmup "
