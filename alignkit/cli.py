@@ -20,11 +20,24 @@ or the launcher for the processes it started), and the exit code is 2; ``--debug
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 from alignkit.errors import AlignkitError
 from alignkit.methods import METHODS
+
+# commands with their own parser: name -> (module, its main(argv) function, one-line summary); imported on use
+OWN_PARSERS = {
+    "assets": ("alignkit.assets", "assets_main", "list or fetch the offline real assets"),
+    "convert": ("alignkit.convert", "convert_main", "convert raw state dicts or Megatron checkpoints into HF folders"),
+    "chat": ("alignkit.chat", "chat_main", "chat with a model in the terminal (--compare: two models)"),
+    "generate": ("alignkit.generate", "generate_main", "sample (and score) responses for a prompt file into JSONL"),
+    "pipeline": ("alignkit.pipeline", "pipeline_main", "run named stages (SFT -> RM -> PPO, ...) from one YAML file"),
+    "estimate": ("alignkit.estimate", "estimate_main",
+                 "per-GPU memory of a run by phase: will it fit, and what would make it"),
+    "plot": ("alignkit.training.plots", "plot_main", "PNG plots of the training curves of one or more runs, overlaid"),
+}
 
 
 def _method_list() -> str:
@@ -60,25 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=raw, epilog=f"methods:\n{_method_list()}")
     p.add_argument("method", nargs="?", default="sft", metavar="METHOD", help="default: sft")
     p.add_argument("--markdown", action="store_true", help="the reference of every method, as docs/config.md")
-    p = sub.add_parser("assets", help="list or fetch the offline real assets", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("convert", help="convert raw state dicts or Megatron checkpoints into HF folders",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("chat", help="chat with a model in the terminal (--compare: two models)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("generate", help="sample (and score) responses for a prompt file into JSONL",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("pipeline", help="run named stages (SFT -> RM -> PPO, ...) from one YAML file",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("estimate", help="per-GPU memory of a run by phase: will it fit, and what would make it",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("plot", help="PNG plots of the training curves of one or more runs, overlaid",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, (_, _, summary) in OWN_PARSERS.items():  # these parse the rest of the line themselves
+        sub.add_parser(name, help=summary, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("adapter_dir")
     p.add_argument("output_dir")
@@ -91,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ["ALIGNKIT_DEBUG"] = "1"  # the processes a launch starts inherit it
     argv = [a for a in argv if a != "--debug"]
-    own_parsers = ("convert", "assets", "plot", "chat", "generate", "pipeline", "estimate")
-    if argv[:1] and argv[0] in own_parsers:  # their own parsers take the rest
+    if argv[:1] and argv[0] in OWN_PARSERS:  # their own parsers take the rest
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)
@@ -138,34 +133,9 @@ def _run(args, argv: list[str]) -> int:
 
         print(config_reference() if args.markdown else describe(args.method, config_class(args.method)))
         return 0
-    if args.command == "assets":
-        from alignkit.assets import assets_main
-
-        return assets_main(args.rest)
-    if args.command == "convert":
-        from alignkit.convert import convert_main
-
-        return convert_main(args.rest)
-    if args.command == "chat":
-        from alignkit.chat import chat_main
-
-        return chat_main(args.rest)
-    if args.command == "generate":
-        from alignkit.generate import generate_main
-
-        return generate_main(args.rest)
-    if args.command == "pipeline":
-        from alignkit.pipeline import pipeline_main
-
-        return pipeline_main(args.rest)
-    if args.command == "estimate":
-        from alignkit.estimate import estimate_main
-
-        return estimate_main(args.rest)
-    if args.command == "plot":
-        from alignkit.training.plots import plot_main
-
-        return plot_main(args.rest)
+    if args.command in OWN_PARSERS:
+        module, function, _ = OWN_PARSERS[args.command]
+        return getattr(importlib.import_module(module), function)(args.rest)
     if args.command == "merge":
         from alignkit.models import merge_lora
 
