@@ -68,3 +68,26 @@ def sft_file(tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in memorisation_records()) + "\n")
     return path
+
+
+# Reward functions as the source of a user's reward file (tests write it and name it file.py:function).
+COUNT_E_REWARD = '''
+def count_e(prompts, completions, **_):
+    return [float(c.count("e")) for c in completions]
+'''
+
+# The share of a completion's words that are words of the tiny models' corpus: a random tiny Llama writes
+# byte soup (~10% real words), so the reward has room to rise and varies enough between samples to learn fast.
+WORD_SHARE_REWARD = '''
+from alignkit.testing import _WORDS
+
+WORDS = set(_WORDS)
+
+
+def word_share(prompts, completions, **_):
+    out = []
+    for c in completions:
+        words = c.split()
+        out.append(sum(w in WORDS for w in words) / len(words) if words else 0.0)
+    return out
+'''

