@@ -338,7 +338,8 @@ def layer_section() -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignkit.estimate import Setup, _arch_from_json, layer_activation_bytes
+    from alignkit.estimate import Setup, layer_activation_bytes
+    from alignkit.estimate.architecture import _arch_from_json
 
     values = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_attention_heads=8,
                   num_key_value_heads=2, tie_word_embeddings=False)

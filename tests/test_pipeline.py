@@ -1,4 +1,4 @@
-"""Pipelines (alignkit/pipeline.py): SFT -> RM -> PPO and SFT -> DPO on the tiny models, with a Python step
+"""Pipelines (alignkit/pipeline/): SFT -> RM -> PPO and SFT -> DPO on the tiny models, with a Python step
 that writes the data; a rerun skips finished stages; an interrupted stage resumes to the result of an
 uninterrupted run; --only / --from; bad references and config typos are rejected before anything runs;
 --dry-run."""

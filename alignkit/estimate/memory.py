@@ -1,44 +1,17 @@
-"""``alignkit estimate``: will a run fit on N GPUs of M GB each, and which config change would make it fit.
-
-    alignkit estimate METHOD [CONFIG.yaml] [--set section.key=value ...] --gpus N --gpu-memory 40GB [--json]
-
-The estimate reads the same config a run uses (``alignkit train`` takes the same file and ``--set``s) and
-the model configs only: each model (policy, reference, critic, reward model, teacher) is built on the meta
-device from its ``config.json`` (a local folder, a named asset, a ``config.json`` path, a known preset or,
-online, the Hub), so nothing is downloaded and no weights are read. For each phase of a step (rollout,
-scoring, training forward/backward, optimizer step) it adds up, per GPU:
-
-- weights (per dtype; 4-bit NF4 with double quantisation; LoRA adapters), gradients, AdamW's ``m`` and ``v``
-  and, under DeepSpeed mixed precision, the fp32 master weights, divided by N as ZeRO-1/2/3 partition them
-  (or moved to the CPU by ``training.zero_offload``), plus DDP's gradient buckets and DeepSpeed's reduce bucket;
-- the activations autograd saves, from a per-layer formula for Llama-style decoders (see
-  :func:`layer_activation_bytes` and docs/estimate.md), with or without gradient checkpointing;
-- the logits, only at the positions alignkit computes them (:mod:`alignkit.forward`), and the float32
-  temporaries of the loss (the chunked ``selective_log_softmax`` or SFT's cross-entropy);
-- every other model the method holds and how it is placed (a frozen copy, the adapter-off policy at no
-  cost, a ZeRO-3 partitioned frozen engine), the generation KV cache, and a colocated vLLM's share.
-
-The peak is the largest phase plus an allowance for the CUDA context and the caching allocator
-(:data:`CONTEXT_GIB`, :data:`FRAGMENTATION`). Suggestions are config changes (``--set`` overrides), each
-scored by running the estimate again with it. All sizes are GiB (2**30 bytes), the unit GPU names use
-("40GB" = 40960 MiB). docs/estimate.md holds the formulas and the measured accuracy.
-"""
+"""The memory model of ``alignkit estimate``: per-GPU bytes of each phase of a step (weights, gradients,
+optimizer states, activations, logits, KV cache, vLLM) for a run's config, from the models' configs only.
+The formulas and their measured accuracy are in docs/estimate.md."""
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import functools
 import json
-import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import ConfigError, RunConfig
-from alignkit.errors import AlignkitError
+from alignkit.config import RunConfig
+from alignkit.estimate.architecture import Arch, EstimateError, arch_of, lora_parameters, lora_targets
 
 GIB = 2**30
 CONTEXT_GIB = 0.75  # CUDA context, cuBLAS/NCCL workspaces: memory a GPU process holds outside PyTorch's tensors
@@ -52,239 +25,6 @@ ENTROPY_CHUNK_ROWS = 128  # alignkit.losses.rl.entropy_from_logits
 ONLINE = ("ppo", "rloo", "grpo", "reinforce_pp")
 PREFERENCE = ("dpo", "simpo", "cpo", "orpo")
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-
-
-class EstimateError(AlignkitError, ValueError):
-    """The estimate cannot be made (a model config that cannot be read, a bad CLI value); the message says why."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Model configs without weights: presets, local folders, assets, config.json files, the Hub
-# --------------------------------------------------------------------------------------------------
-
-# config.json values of architectures the estimate knows offline, keyed by the name a config would use
-_SMOLLM2_135M = {
-    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-    "max_position_embeddings": 8192, "tie_word_embeddings": True, "hidden_act": "silu",
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m-instruct": _SMOLLM2_135M,  # the asset, when it is not cached yet
-    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M,
-    "all-minilm-l6-v2": {
-        "model_type": "bert", "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
-        "num_attention_heads": 12, "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2,
-    },
-    "Qwen/Qwen2-7B": {
-        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
-        "max_position_embeddings": 131072, "hidden_act": "silu",
-    },
-    "Qwen/Qwen2.5-0.5B": {
-        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
-        "max_position_embeddings": 32768, "hidden_act": "silu",
-    },
-    "huggyllama/llama-7b": {  # LLaMA-7B: 6.74B parameters
-        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
-        "max_position_embeddings": 2048, "hidden_act": "silu",
-    },
-    "google/gemma-2b": {
-        "model_type": "gemma", "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18,
-        "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256000,
-        "tie_word_embeddings": True, "max_position_embeddings": 8192, "hidden_act": "gelu_pytorch_tanh",
-    },
-}
-
-
-def read_model_config(name: str, key: str, gguf_file: str | None = None) -> dict[str, Any]:
-    """The ``config.json`` values of model ``name`` (a config value such as ``model.name_or_path``), no weights.
-
-    In order: a ``.json`` file; a folder's ``config.json``; a ``.gguf`` file's metadata; a named asset (its
-    cached folder, else its preset); a preset (:data:`PRESETS`); the Hub (config only).
-    """
-    path = Path(name).expanduser()
-    if name.endswith(".json"):
-        if not path.is_file():
-            raise EstimateError(f"{key}={name!r}: no such config file.")
-        return _read_json(path, key)
-    if path.is_dir():
-        if gguf_file or (any(path.glob("*.gguf")) and not (path / "config.json").is_file()):
-            return _gguf_config(path, gguf_file or next(path.glob("*.gguf")).name, key)
-        if not (path / "config.json").is_file():
-            raise EstimateError(f"{key}={name!r}: the folder has no config.json; give a model folder or the path of "
-                                "its config.json.")
-        return _read_json(path / "config.json", key)
-    if name.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise EstimateError(f"{key}={name!r}: no such GGUF file.")
-        return _gguf_config(path.parent, path.name, key)
-    from alignkit import assets
-
-    spec = assets.ASSETS.get(name)
-    if spec is not None and spec.kind == "model":
-        if assets.is_cached(name):
-            return _read_json(assets.cache_dir() / "assets" / name / spec.output / "config.json", key)
-        if name in PRESETS:
-            return dict(PRESETS[name])
-    if name in PRESETS:
-        return dict(PRESETS[name])
-    if name.startswith(("/", "./", "../", "~")):
-        raise EstimateError(f"{key}={name!r}: no such folder or config file.")
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(name).to_dict()
-    except Exception as e:  # offline, gated, unknown: one line
-        reason = " ".join(str(e).split())[:160]
-        raise EstimateError(
-            f"{key}={name!r}: not a local folder, config.json, asset or preset, and its config.json could not be "
-            f"read from the Hugging Face Hub ({reason}). Offline? Give a local folder or a config.json path, e.g. "
-            f"--model-config path/to/config.json (presets: {', '.join(PRESETS)})."
-        ) from None
-
-
-def _read_json(path: Path, key: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EstimateError(f"{key}: {path} is not a readable JSON config ({e}).") from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise EstimateError(f"{key}: {path} has no model_type; give a transformers config.json.")
-    return data
-
-
-def _gguf_config(folder: Path, gguf_file: str, key: str) -> dict[str, Any]:
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file).to_dict()
-    except Exception as e:
-        raise EstimateError(f"{key}: cannot read the config of the GGUF file {folder / gguf_file} ({e}); give "
-                            "--model-config path/to/config.json.") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Architectures: parameter counts from a model built on the meta device
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the estimate needs to know about one model (built on the meta device, no weights)."""
-
-    name: str
-    model_type: str
-    task: str  # causal_lm | seq_cls
-    params: int  # every parameter once (tied embeddings count once)
-    head_params: int  # the LM head's own parameters (0 when tied to the embeddings; seq-cls: the score head)
-    quantizable: int  # parameters bitsandbytes stores in 4 bits: every linear layer but the output head
-    linears: tuple[tuple[str, int, int], ...]  # (module name, in_features, out_features) of every nn.Linear
-    head_names: tuple[str, ...]  # linear modules 'all-linear' LoRA leaves out (the output / score head)
-    largest: int  # elements of the largest parameter
-    layer_params: int  # parameters of one decoder layer
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-
-@functools.lru_cache(maxsize=64)
-def _arch_from_json(name: str, config_json: str, task: str) -> Arch:
-    import torch
-    import transformers
-
-    values = json.loads(config_json)
-    model_type = values.pop("model_type")
-    for k in ("architectures", "transformers_version", "_name_or_path", "auto_map", "quantization_config"):
-        values.pop(k, None)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **values)
-    except ValueError as e:
-        raise EstimateError(f"{name}: model_type {model_type!r} is unknown to transformers "
-                            f"{transformers.__version__} ({e}).") from None
-    auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForSequenceClassification
-    if task == "seq_cls":
-        config.num_labels = 1
-    try:
-        with torch.device("meta"):
-            model = auto.from_config(config)
-    except ValueError as e:
-        raise EstimateError(f"{name}: transformers cannot build a {task} model of type {model_type!r} ({e}).") from None
-    text = config.get_text_config()
-    params = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in params.values())
-    head_module = model.get_output_embeddings() if task == "causal_lm" else None
-    head_names: list[str] = []
-    head_params = 0
-    if head_module is not None:
-        head_names = [n for n, m in model.named_modules() if m is head_module]
-        embed = model.get_input_embeddings()
-        tied = embed is not None and head_module.weight is embed.weight
-        head_params = 0 if tied else sum(p.numel() for p in head_module.parameters())
-    else:
-        for n, m in model.named_modules():
-            if n.split(".")[-1] in ("score", "classifier") and isinstance(m, torch.nn.Module):
-                head_names.append(n)
-                head_params += sum(p.numel() for p in m.parameters())
-    linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear))
-    in_head = tuple(f"{h}." for h in head_names)
-    quantizable = sum(i * o for n, i, o in linears if n not in head_names and not n.startswith(in_head))
-    layer_lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers]
-    layer_params = sum(p.numel() for p in layer_lists[0][0].parameters()) if layer_lists else 0
-    heads = int(text.num_attention_heads)
-    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-    return Arch(
-        name=name, model_type=model_type, task=task, params=total, head_params=head_params, quantizable=quantizable,
-        linears=linears, head_names=tuple(head_names), largest=max(p.numel() for p in params.values()),
-        layer_params=layer_params, hidden=int(text.hidden_size), layers=int(text.num_hidden_layers), heads=heads,
-        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
-        intermediate=int(text.intermediate_size), vocab=int(text.vocab_size),
-    )
-
-
-def arch_of(name: str, task: str = "causal_lm", *, key: str = "model.name_or_path", gguf_file: str | None = None,
-            config_override: str | None = None) -> Arch:
-    """The :class:`Arch` of model ``name`` for ``task`` (``causal_lm`` or ``seq_cls``); ``config_override``
-    (a config.json path, a folder or a preset) replaces where its config is read from."""
-    values = read_model_config(config_override or name, "--model-config" if config_override else key, gguf_file)
-    return _arch_from_json(config_override or name, json.dumps(values, sort_keys=True, default=str), task)
-
-
-def lora_parameters(arch: Arch, targets: list[str], rank: int) -> int:
-    """LoRA parameters peft adds: ``r * (in + out)`` for every targeted linear layer (``all-linear``: every
-    linear layer but the output / score head), plus a trainable copy of a seq-cls score head."""
-    extra = arch.head_params if arch.task == "seq_cls" else 0  # modules_to_save: the score head trains in full
-    if "all-linear" in targets:
-        chosen = [(i, o) for n, i, o in arch.linears if n not in arch.head_names]
-    else:
-        chosen = [(i, o) for n, i, o in arch.linears
-                  if any(n == t or n.endswith(f".{t}") for t in targets) and n not in arch.head_names]
-    if not chosen:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in arch.linears})
-        raise ConfigError(f"model.lora_target_modules={targets}: no linear layer of {arch.name} matches; its linear "
-                          f"layers: {', '.join(names)} (or use 'all-linear').")
-    return rank * sum(i + o for i, o in chosen) + extra
-
-
-def _lora_targets(arch: Arch, targets: list[str]) -> list[tuple[str, int, int]]:
-    if "all-linear" in targets:
-        return [x for x in arch.linears if x[0] not in arch.head_names]
-    return [x for x in arch.linears if any(x[0] == t or x[0].endswith(f".{t}") for t in targets)
-            and x[0] not in arch.head_names]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +109,7 @@ def trained_model(arch: Arch, cfg: RunConfig, s: Setup) -> Trained:
         else:  # qlora: linear layers in NF4; prepare_model_for_kbit_training upcasts the rest to fp32
             other = 2 if s.ds_half else 4
             base = arch.quantizable * NF4_BYTES_PER_PARAM + (arch.params - arch.quantizable) * other
-        targets = _lora_targets(arch, list(m.lora_target_modules))
+        targets = lora_targets(arch, list(m.lora_target_modules))
         largest = max([m.lora_r * max(i, o) for _, i, o in targets] + [arch.head_params if arch.task == "seq_cls" else 0])
         trained = Trained(weights=base + n_lora * lora_bytes, trainable=n_lora, param_bytes=lora_bytes,
                           largest=largest, layer_params=arch.layer_params, lora=targets,
@@ -982,25 +722,24 @@ def vllm_sleeps(g, s: Setup) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# The estimate and its suggestions
+# The estimate
 # --------------------------------------------------------------------------------------------------
 
 
-def estimate(cfg: RunConfig, gpus: int | None = None, gpu_memory_gb: float | None = None, *, device: str = "cuda",
-             model_config: str | None = None, suggest: bool = True) -> Estimate:
-    """Per-GPU memory of ``cfg`` on ``gpus`` GPUs (default: ``training.num_processes``) of ``gpu_memory_gb`` GiB.
+def estimate_memory(cfg: RunConfig, gpus: int | None, gpu_memory_gb: float, *, device: str = "cuda",
+                    model_config: str | None = None) -> Estimate:
+    """Per-GPU memory of ``cfg`` on ``gpus`` GPUs (default: ``training.num_processes``) of ``gpu_memory_gb`` GiB,
+    phase by phase, without suggestions (:func:`alignkit.estimate.estimate` adds them).
 
     ``device="cpu"`` models a CPU run instead (auto dtypes -> fp32, no autocast, no CUDA allowance): the
     configuration the CPU measurements in docs/estimate.md use. ``model_config`` (a config.json path, folder
-    or preset) replaces the policy's config. ``suggest`` adds ranked config changes, each re-estimated.
+    or preset) replaces the policy's config.
     """
     if device not in ("cuda", "cpu"):
         raise EstimateError(f"device={device!r}: use cuda or cpu.")
     gpus = gpus or cfg.training.num_processes
     if gpus < 1:
         raise EstimateError(f"--gpus {gpus}: give at least 1.")
-    if gpu_memory_gb is None:
-        gpu_memory_gb = _local_gpu_memory()
     s = setup_of(cfg, gpus, device)
     plan = _Plan(gpu_memory_gb)
     overrides = {"policy": model_config}
@@ -1012,166 +751,5 @@ def estimate(cfg: RunConfig, gpus: int | None = None, gpu_memory_gb: float | Non
         _offline(plan, cfg, s, overrides)
     if cfg.model.dtype == "auto":
         plan.assumptions.append(f"model.dtype auto = {'bf16 (a bf16 GPU)' if device == 'cuda' else 'fp32 (CPU)'}")
-    result = Estimate(method=cfg.method, gpus=gpus, gpu_memory_gb=gpu_memory_gb, device=device, setup=s.label,
-                      models=plan.models, phases=plan.phases, assumptions=plan.assumptions)
-    if suggest:
-        result.suggestions = suggestions(cfg, result, model_config=model_config)
-    return result
-
-
-def _local_gpu_memory() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / GIB
-    raise EstimateError("give the memory of one GPU, e.g. --gpu-memory 40GB (there is no GPU here to read it from).")
-
-
-def candidate_changes(cfg: RunConfig, gpus: int, device: str) -> list[list[str]]:
-    """Config changes that can lower the peak, as ``--set`` overrides (one or two that belong together)."""
-    m, t, args = cfg.model, cfg.training, cfg.method_args
-    out: list[list[str]] = []
-    if not m.gradient_checkpointing:
-        out.append(["model.gradient_checkpointing=true"])
-    if m.finetune == "full":
-        out.append(["model.finetune=lora"])
-    if m.finetune != "qlora" and device == "cuda":
-        out.append(["model.finetune=qlora"])
-    stage = int(t.deepspeed[-1]) if t.deepspeed in ("zero1", "zero2", "zero3") else 0
-    if not t.deepspeed or stage:
-        for higher in range(max(stage + 1, 2 if gpus > 1 else 3), 4):
-            out.append([f"training.deepspeed=zero{higher}"])
-        if stage >= 2 and not t.zero_offload:
-            out.append(["training.zero_offload=true"])
-        if stage < 2:
-            out.append(["training.deepspeed=zero3", "training.zero_offload=true"])
-    if t.per_device_batch_size > 1:
-        half = t.per_device_batch_size // 2
-        accumulation = t.gradient_accumulation_steps * t.per_device_batch_size // half
-        out.append([f"training.per_device_batch_size={half}", f"training.gradient_accumulation_steps={accumulation}"])
-    if cfg.method in ONLINE or cfg.method in ("seqkd", "rejection_sampling", "gkd"):
-        g = args.generation
-        sequences = (getattr(args, "rollout_batch_size", 0) or getattr(args, "sampling_batch_size", 0) or
-                     t.per_device_batch_size) * g.num_samples
-        current = g.batch_size or sequences
-        if g.sampler == "hf" and current > 1:
-            out.append([f"{cfg.method}.generation.batch_size={max(1, current // 2)}"])
-        if g.sampler == "vllm" and not vllm_sleeps(g, setup_of(cfg, gpus, device)) and device == "cuda":
-            out.append([f"{cfg.method}.generation.vllm_sleep_mode=true"])
-        if g.sampler == "vllm" and not g.vllm_kv_cache_gb and g.vllm_gpu_memory_utilization > 0.1:
-            out.append([f"{cfg.method}.generation.vllm_gpu_memory_utilization="
-                        f"{round(g.vllm_gpu_memory_utilization / 2, 2)}"])
-        if stage == 3 and g.zero3_gather and g.sampler == "hf":
-            out.append([f"{cfg.method}.generation.zero3_gather=false"])
-        if g.max_new_tokens > 16:
-            out.append([f"{cfg.method}.generation.max_new_tokens={g.max_new_tokens // 2}"])
-    if cfg.method == "dpo" and m.finetune == "full" and args.precompute_ref_logps is not True:
-        out.append(["dpo.precompute_ref_logps=true"])
-    if cfg.data.max_length > 64:
-        out.append([f"data.max_length={cfg.data.max_length // 2}"])
-    return out
-
-
-def suggestions(cfg: RunConfig, base: Estimate, *, model_config: str | None = None) -> list[dict[str, Any]]:
-    """Every candidate change that lowers the peak, re-estimated with the change applied through
-    :func:`alignkit.config.build_config`, ranked by the memory it saves."""
-    from alignkit.config import build_config as build
-    from alignkit.methods import config_class
-
-    raw = cfg.to_dict()
-    raw.pop("method")
-    found = []
-    for change in candidate_changes(cfg, base.gpus, base.device):
-        try:
-            # a deep copy: build_config's overrides write into the nested sections of the dict they get
-            changed = build(cfg.method, config_class(cfg.method), copy.deepcopy(raw), change)
-            new = estimate(changed, base.gpus, base.gpu_memory_gb, device=base.device, model_config=model_config,
-                           suggest=False)
-        except AlignkitError:
-            continue  # the change is not valid for this run (e.g. a batch that no longer divides the rollout)
-        saves = base.per_gpu_peak_gb - new.per_gpu_peak_gb
-        if saves > 0.005:
-            found.append({"set": change, "saves_gb": round(saves, 3), "peak_gb": round(new.per_gpu_peak_gb, 3),
-                          "fits": new.fits, "note": _NOTES.get(change[0].split("=")[0].split(".")[-1], "")})
-    return sorted(found, key=lambda x: -x["saves_gb"])
-
-
-_NOTES = {
-    "gradient_checkpointing": "recomputes activations in backward (~30% slower)",
-    "finetune": "trains adapters instead of all weights",
-    "deepspeed": "partitions optimizer state (ZeRO-1), gradients (ZeRO-2) and weights (ZeRO-3) over the GPUs",
-    "zero_offload": "keeps optimizer state (and ZeRO-3 weights) in CPU memory; slower steps",
-    "per_device_batch_size": "same global batch, more accumulation steps",
-    "batch_size": "generates the rollout in smaller chunks",
-    "vllm_gpu_memory_utilization": "a smaller vLLM KV cache (fewer sequences in flight)",
-    "vllm_sleep_mode": "frees vLLM's weights and KV cache while the policy trains",
-    "zero3_gather": "generates with per-layer gathers (slow) instead of gathering the whole policy",
-    "max_new_tokens": "shorter responses",
-    "precompute_ref_logps": "scores the data with the reference once, then frees it",
-    "max_length": "truncates longer rows",
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_gib(value: str) -> float:
-    """``40GB``, ``40G``, ``40GiB``, ``40960MiB``, ``40`` (GiB) -> GiB."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    units = {"": 1, "g": 1, "gb": 1, "gib": 1, "m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024, "t": 1024, "tb": 1024,
-             "tib": 1024}
-    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
-        raise EstimateError(f"--gpu-memory {value!r}: give the memory of one GPU, e.g. 40GB, 80GB or 24576MiB.")
-    return float(match.group(1)) * units[match.group(2).lower()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from alignkit.methods import METHODS
-
-    parser = argparse.ArgumentParser(
-        prog="alignkit estimate",
-        description="Estimate the per-GPU memory of a run from its config (no weights are loaded) and suggest "
-                    "changes that make it fit. Sizes are GiB.")
-    parser.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
-    parser.add_argument("config", nargs="?", help="YAML config file (optional, as for alignkit train)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable), as for alignkit train")
-    parser.add_argument("--gpus", type=int, help="GPUs = training processes (default: training.num_processes)")
-    parser.add_argument("--gpu-memory", help="memory of one GPU, e.g. 40GB (default: this machine's GPU)")
-    parser.add_argument("--deepspeed", help="zero1, zero2, zero3 or a DeepSpeed JSON file")
-    parser.add_argument("--model-config", help="the policy's config.json (a file, a folder or a preset: "
-                                               f"{', '.join(PRESETS)}) instead of model.name_or_path's")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda (default) or cpu: model a CPU run (fp32, no autocast), as the measurements do")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--no-suggestions", action="store_true", help="skip the re-estimated suggestions")
-    return parser
-
-
-def estimate_main(argv: list[str]) -> int:
-    """``alignkit estimate ...`` (argv: the words after ``estimate``); expected errors raise AlignkitError."""
-    from alignkit.api import load_config
-
-    args = build_parser().parse_args(argv)
-    gpu_memory = parse_gib(args.gpu_memory) if args.gpu_memory else None
-    overrides = list(args.overrides)
-    if args.deepspeed:
-        overrides.append(f"training.deepspeed={args.deepspeed}")
-    if args.gpus is not None:
-        if args.gpus < 1:
-            raise EstimateError(f"--gpus {args.gpus}: give at least 1.")
-        overrides.append(f"training.num_processes={args.gpus}")
-    cfg = load_config(args.method, args.config, overrides)
-    result = estimate(cfg, args.gpus, gpu_memory, device=args.device, model_config=args.model_config,
-                      suggest=not args.no_suggestions)
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-    else:
-        print(result.table())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(estimate_main(sys.argv[1:]))
+    return Estimate(method=cfg.method, gpus=gpus, gpu_memory_gb=gpu_memory_gb, device=device, setup=s.label,
+                    models=plan.models, phases=plan.phases, assumptions=plan.assumptions)
