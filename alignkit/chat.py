@@ -34,7 +34,6 @@ from typing import Any, TextIO
 
 from alignkit.errors import AlignkitError
 from alignkit.generate import InferenceModel, add_sampling_arguments, load_inference_model, sampling_config
-from alignkit.models import model_device
 
 HELP = "/system TEXT sets the system prompt, /reset forgets the conversation, /exit or Ctrl-D quits."
 _NO_LIMIT = 10**9
@@ -92,6 +91,8 @@ class ChatSession:
         exchange. None when the message does not fit the context (``notice`` says so) or Ctrl-C stopped it."""
         import torch
         from transformers import StoppingCriteria, TextIteratorStreamer
+
+        from alignkit.models import model_device
 
         ids, dropped = self.prompt_ids(text)
         if dropped:
@@ -251,13 +252,13 @@ def _labels(names: list[str]) -> list[str]:
 
 def chat_main(argv: list[str]) -> int:
     """Run ``alignkit chat`` (argv: the words after ``chat``); 0 on success, 2 on an expected error."""
-    import torch
-    from transformers.utils import logging as transformers_logging
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help or a usage error: report the status instead of exiting
         return e.code if isinstance(e.code, int) else 2
+    import torch  # only once the command runs: --help stays instant
+    from transformers.utils import logging as transformers_logging
+
     transformers_logging.disable_progress_bar()  # "Loading weights" bars would clutter the conversation
     interactive = sys.stdin.isatty()
     terminal = Terminal(interactive, sys.stdout, sys.stderr)

@@ -42,7 +42,6 @@ from typing import Any
 
 from alignkit.config import ConfigError, DataConfig, DataSource, ModelConfig
 from alignkit.errors import AlignkitError
-from alignkit.models import ModelLoadError, count_parameters, load_model, load_tokenizer, model_device
 
 logger = logging.getLogger("alignkit")
 
@@ -71,6 +70,8 @@ def load_inference_model(name_or_path: str, *, dtype: str = "auto", device: Any 
     """Load a causal LM for generation from an HF folder, a training output folder (its final model, else its
     latest ``checkpoint-N``), a ``checkpoint-N`` folder, a LoRA adapter folder (merged into the base that its
     adapter_config.json names), a ``.gguf`` file, a hub name or a model asset."""
+    from alignkit.models import count_parameters, load_model, load_tokenizer, model_device
+
     path = Path(name_or_path).expanduser()
     folder = _model_folder(path) if path.is_dir() else None
     if folder is not None and (folder / "adapter_config.json").is_file():
@@ -93,6 +94,7 @@ def load_inference_model(name_or_path: str, *, dtype: str = "auto", device: Any 
 def _model_folder(path: Path) -> Path:
     """The folder holding the model: ``path`` itself, or the newest complete checkpoint of an output folder
     without a final model."""
+    from alignkit.models import ModelLoadError
     from alignkit.training.checkpoint import list_checkpoints
 
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
@@ -108,6 +110,8 @@ def _model_folder(path: Path) -> Path:
 
 
 def _check_causal_lm(folder: Path) -> None:
+    from alignkit.models import ModelLoadError
+
     try:
         architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError):
@@ -120,6 +124,8 @@ def _check_causal_lm(folder: Path) -> None:
 def _load_adapter(folder: Path, dtype: str) -> tuple[Any, Any, str, str]:
     """(merged model, tokenizer, base model name, description note) of a LoRA adapter folder."""
     from peft import PeftModel
+
+    from alignkit.models import ModelLoadError, load_model, load_tokenizer
 
     config_file = folder / "adapter_config.json"
     try:
@@ -348,12 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
 def generate_main(argv: list[str]) -> int:
     """Run ``alignkit generate`` (argv: the words after ``generate``); 0 on success, 2 on an expected error."""
     from alignkit.api import setup_logging
-    from alignkit.rewards import RewardSourcesConfig
 
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help or a usage error: report the status instead of exiting
         return e.code if isinstance(e.code, int) else 2
+    from alignkit.rewards import RewardSourcesConfig  # torch: only once the command runs, not for --help
+
     setup_logging()
     reward = None
     if args.reward_model or args.reward_function or args.reward_url:

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "alignkit"
 # the first component under alignkit/ -> layer (0 = bottom); a new module must be placed here
 LAYERS = {
     "errors": 0, "config": 0, "data": 0, "losses": 0, "gguf": 0, "assets": 0, "models": 0, "testing": 0,
+    "lazy": 0,
     "training": 1, "forward": 1, "reference": 1, "rollout": 1, "rewards": 1, "critic": 1, "launch": 1,
     "convert": 1,
     "methods": 2,

@@ -15,11 +15,12 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import AlignkitError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ ALLOW_PICKLE_HELP = (
     "also read pickled Python objects (e.g. Megatron-LM's args). Unpickling can run arbitrary code "
     "from the file: use this only for checkpoints you trust."
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes; torch loads only when a conversion runs
 DTYPE_CHOICES = ["auto", *DTYPES]
 
 
@@ -57,6 +58,8 @@ def _weights_only_refusal(error: Exception) -> str:
 
 def load_torch_file(path: Path, allow_pickle: bool = False) -> Any:
     """``torch.load`` on the CPU, tensors and plain containers only unless ``allow_pickle``."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
@@ -77,10 +80,12 @@ def load_torch_file(path: Path, allow_pickle: bool = False) -> Any:
 
 def output_dtype(choice: str, tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     """``auto``: the floating dtype holding most of the checkpoint's elements; else the named dtype."""
+    import torch
+
     if choice != "auto":
         if choice not in DTYPES:
             raise ConvertError(f"dtype {choice!r} is not one of: {', '.join(DTYPE_CHOICES)}.")
-        return DTYPES[choice]
+        return getattr(torch, choice)
     elements: dict[torch.dtype, int] = {}
     for tensor in tensors.values():
         if tensor.is_floating_point():
@@ -131,6 +136,7 @@ def save_hf_folder(config: Any, state_dict: dict[str, torch.Tensor], output_dir:
     The model is built on the meta device and takes the tensors as they are (no second copy, no random
     init); the folder is assembled next to ``output_dir`` and renamed into place when complete.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     check_output_dir(output_dir, overwrite)

@@ -11,17 +11,34 @@
   :mod:`alignkit.methods.online_rl`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from alignkit.errors import TrainingError
-from alignkit.training.accelerator import (
-    autocast,
-    is_deepspeed,
-    prepare_frozen,
-    reduce_sum,
-    setup_accelerator,
-    zero_stage,
-)
-from alignkit.training.checkpoint import CONFIG_FILE, Checkpointer, TrainState, prepare_output_dir
-from alignkit.training.loop import OfflineMethod, Run, evaluate, fit, start_training
+from alignkit.lazy import lazy_exports
+
+# the module of each name, imported on first use: ``alignkit plot`` (alignkit.training.plots) and its --help
+# start without torch
+_HOMES = {
+    **dict.fromkeys(("autocast", "is_deepspeed", "prepare_frozen", "reduce_sum", "setup_accelerator", "zero_stage"),
+                    "accelerator"),
+    **dict.fromkeys(("CONFIG_FILE", "Checkpointer", "TrainState", "prepare_output_dir"), "checkpoint"),
+    **dict.fromkeys(("OfflineMethod", "Run", "evaluate", "fit", "start_training"), "loop"),
+}
+__getattr__ = lazy_exports(__name__, _HOMES)
+
+if TYPE_CHECKING:
+    from alignkit.training.accelerator import (
+        autocast,
+        is_deepspeed,
+        prepare_frozen,
+        reduce_sum,
+        setup_accelerator,
+        zero_stage,
+    )
+    from alignkit.training.checkpoint import CONFIG_FILE, Checkpointer, TrainState, prepare_output_dir
+    from alignkit.training.loop import OfflineMethod, Run, evaluate, fit, start_training
 
 __all__ = [
     "CONFIG_FILE", "Checkpointer", "OfflineMethod", "Run", "TrainState", "TrainingError", "autocast", "evaluate",
