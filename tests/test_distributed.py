@@ -153,3 +153,28 @@ def test_two_nodes_of_one_process_train_as_one_run(tmp_path, tiny_model_dir, sft
     assert all(p.returncode == 0 for p in nodes), outputs[0][-3000:] + outputs[1][-3000:]
     for a, b in zip(_losses(tmp_path / "single"), _losses(tmp_path / "nodes")):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_eval_loss_is_the_mean_over_eval_rows_fewer_than_processes(tmp_path, tiny_model_dir, sft_file):
+    """README-style eval_split with packing leaves one packed eval row: the second process has none. Its
+    eval/loss was 0.0 (the row was dropped to give both processes the same count); it is the mean over the
+    rows that exist, as with one process."""
+    def config(out: str, batch: int) -> Path:
+        path = _config(tmp_path, tiny_model_dir, sft_file, out, per_device_batch_size=batch, eval_steps=2)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["data"]["eval_split"] = 0.05
+        cfg["sft"] = {"packing": True}
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    _run(["train", "sft", str(config("one", 2))], tmp_path)
+    two = _run(["train", "sft", str(config("two", 1)), "--num-processes", "2"], tmp_path)
+
+    def evals(out: str) -> list[float]:
+        rows = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return [r["eval/loss"] for r in rows if "eval/loss" in r]
+
+    e1, e2 = evals("one"), evals("two")
+    assert len(e1) == len(e2) == 2 and min(e1) > 1.0
+    assert e2 == pytest.approx(e1, rel=1e-4)
+    assert "only 1 eval row" in two.stdout + two.stderr  # said once, in one line

@@ -144,10 +144,12 @@ def reward_stats(accelerator, model, method: RewardMethod, rows: list[dict], bat
     model.eval()
     total, total_sq, count = 0.0, 0.0, 0.0
     with torch.no_grad():
-        for batch in eval_batches(sample, method.collate, batch_size, accelerator.num_processes,
-                                  accelerator.process_index):
+        for batch, counts in eval_batches(sample, method.collate, batch_size, accelerator.num_processes,
+                                          accelerator.process_index):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             s = method.scores(model, batch).double()
+            if not counts:  # a filler batch (this process had no rows left)
+                continue
             total, total_sq, count = total + float(s.sum()), total_sq + float((s * s).sum()), count + s.numel()
     model.train(was_training)
     t = torch.tensor([total, total_sq, count], dtype=torch.float64, device=accelerator.device)

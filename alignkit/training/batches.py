@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -102,12 +103,18 @@ class BatchStream:
             epoch, offset = epoch + 1, 0
 
 
-def eval_batches(rows: list[dict], collate, batch_size: int, world: int, rank: int) -> Iterator[dict]:
-    """This process's share of the eval rows; every process gets the same number of batches."""
-    usable = len(rows) - len(rows) % world
-    mine = rows[rank:usable:world]
-    for i in range(0, len(mine), batch_size):
-        yield collate(mine[i:i + batch_size])
+def eval_batches(rows: list[dict], collate, batch_size: int, world: int, rank: int) -> Iterator[tuple[dict, bool]]:
+    """This process's share of the eval rows as ``(batch, counts)``: over all processes every row once.
+
+    Every process runs the same number of batches (ZeRO-3 gathers weights in each forward, KTO reduces over
+    processes in its loss), so a process whose share runs out first (fewer rows than processes, or a
+    remainder) gets filler batches of ``rows[:1]`` with ``counts`` False: run them, drop their results.
+    """
+    mine = rows[rank::world]
+    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
+    for b in range(n_batches):
+        part = mine[b * batch_size:(b + 1) * batch_size]
+        yield (collate(part), True) if part else (collate(rows[:1]), False)
 
 
 def minibatches(n: int, size: int, seed: int) -> list[torch.Tensor]:

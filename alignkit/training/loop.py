@@ -41,6 +41,8 @@ from alignkit.training.tracking import Tracker
 
 logger = logging.getLogger("alignkit")
 
+MIN_USEFUL_EVAL_ROWS = 8  # fewer eval rows than this: fit warns that eval/ metrics are noisy
+
 
 class OfflineMethod:
     """What :func:`fit` needs from a method that trains on a fixed dataset.
@@ -216,14 +218,17 @@ def start_training(accelerator, cfg: RunConfig, model: torch.nn.Module, tokenize
 
 
 def evaluate(accelerator, model, method: OfflineMethod, rows: list[dict], batch_size: int) -> dict[str, float]:
-    """Global means of the method's loss and metrics over the eval rows."""
+    """Global means of the method's loss and metrics over the eval rows (every row once, on any process count)."""
     was_training = model.training
     model.eval()
     loss_sum, items, sums = 0.0, 0.0, {}
     with torch.no_grad():
-        for batch in eval_batches(rows, method.collate, batch_size, accelerator.num_processes, accelerator.process_index):
+        for batch, counts in eval_batches(rows, method.collate, batch_size, accelerator.num_processes,
+                                          accelerator.process_index):
             batch = to_device(batch, accelerator.device)
             loss, metrics = method.loss(model, batch)
+            if not counts:  # a filler batch: this process had no rows left (see eval_batches)
+                continue
             loss_sum += float(loss)
             items += method.count_items(batch)
             for k, v in metrics.items():
@@ -265,6 +270,12 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
     last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     t0, tokens_window = time.perf_counter(), 0
+
+    if eval_rows and len(eval_rows) < MIN_USEFUL_EVAL_ROWS and accelerator.is_main_process:
+        n = len(eval_rows)
+        logger.warning(f"eval: only {n} eval row{'s' if n > 1 else ''} (after packing, when on): eval/ metrics "
+                       f"are means over {'them' if n > 1 else 'it'} and will be noisy; raise data.eval_split "
+                       "or give data.eval.")
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(accelerator, model, method, eval_rows, t.per_device_batch_size)

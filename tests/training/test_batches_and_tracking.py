@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.training.batches import derived_seed, minibatches
+from alignkit.training.batches import derived_seed, eval_batches, minibatches
 from alignkit.training.tracking import MetricSums
 
 
@@ -34,3 +34,17 @@ def test_derived_seeds_differ_by_every_part():
     seeds = {derived_seed(42, s, r, salt) for s in range(20) for r in range(4) for salt in range(3)}
     assert len(seeds) == 20 * 4 * 3
     assert derived_seed(1, 2) == derived_seed(1, 2) != derived_seed(2, 1)
+
+
+@pytest.mark.parametrize("n,world,batch", [(1, 2, 1), (3, 2, 1), (5, 2, 2), (7, 4, 2), (8, 2, 4), (0, 2, 1)])
+def test_eval_batches_visit_every_row_once_with_the_same_batch_count_per_process(n, world, batch):
+    """Fewer rows than processes, or a remainder, used to be dropped (eval/loss 0.0 with 1 row on 2 processes)."""
+    rows = [{"i": i} for i in range(n)]
+    seen, counts_per_rank = [], set()
+    for rank in range(world):
+        out = list(eval_batches(rows, lambda part: [r["i"] for r in part], batch, world, rank))
+        counts_per_rank.add(len(out))
+        seen += [i for ids, counts in out if counts for i in ids]
+        assert all(ids == [0] for ids, counts in out if not counts)  # fillers: a real row, dropped by the caller
+    assert sorted(seen) == list(range(n))
+    assert len(counts_per_rank) == 1  # every process runs the same number of forwards (ZeRO-3, KTO)
