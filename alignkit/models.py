@@ -11,10 +11,12 @@ A reference model for LoRA runs is the same model with the adapter switched off,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +73,72 @@ class _Source:
     local: bool
 
 
-def _looks_like_local_path(s: str) -> bool:
-    return s.startswith(("/", "./", "../", "~", ".\\")) or s.count("/") > 1 or (len(s) > 1 and s[1] == ":")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# what makes a folder something from_pretrained loads: a model, a PEFT adapter, or (tokenizers) tokenizer files
+_MODEL_FILES = ("config.json", "adapter_config.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def _resolve_source(name_or_path: str, gguf_file: str | None, key: str) -> _Source:
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` can only be meant as a local path, never a Hub repo id (``org/name`` or ``name``).
+
+    Paths: absolute, ``./``, ``../``, ``~``, backslashes, a drive letter, two or more slashes, a trailing
+    slash, characters a repo id cannot have, or a first part that is a local folder (``outputs/typo`` when
+    ``outputs/`` exists: a typo, not the Hub organisation "outputs").
+    """
+    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.endswith("/") \
+            or (len(name) > 1 and name[1] == ":") or name.count("/") > 1:
+        return True
+    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def _not_a_model_folder(key: str, name: str, path: Path, expected: str) -> ConfigError:
+    if not path.exists():
+        return ConfigError(f"{key}={name!r}: not a model folder: {path} does not exist (expected a folder with "
+                           f"{expected}, a .gguf file, a hub name or a model asset: {_model_assets()}).")
+    checkpoints = sorted(path.glob("checkpoint-*/config.json")) + sorted(path.glob("checkpoint-*/adapter_config.json"))
+    hint = (f"; it holds checkpoints: give one, e.g. {checkpoints[-1].parent}" if checkpoints
+            else "; give the folder a training run saved its model in, or a hub name or model asset")
+    return ConfigError(f"{key}={name!r}: not a model folder: {path} (expected {expected}){hint}.")
+
+
+def portable_model_name(name: str) -> str:
+    """What a saved adapter records as its base: an asset or hub name as it is, a local path made absolute
+    (a relative one resolves only from the folder the run started in)."""
+    if name in assets.ASSETS or not looks_like_local_path(name) and not Path(name).exists():
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model of a LoRA adapter folder, as a name :func:`load_model` finds from any working directory.
+
+    Adapters saved by older versions (or plain PEFT) may record a relative path; when it does not exist from
+    here, it is looked for next to the adapter and in the folders above it (where the run most likely
+    started).
+    """
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config_file}: not readable JSON ({e}).") from e
+    if not base:
+        raise ModelLoadError(f"{config_file}: base_model_name_or_path is empty; cannot tell which model the adapter "
+                             "belongs to.")
+    if base in assets.ASSETS or Path(base).expanduser().is_absolute() or Path(base).exists():
+        return base
+    for folder in [adapter_dir.resolve(), *adapter_dir.resolve().parents]:
+        candidate = folder / base
+        if any((candidate / f).is_file() for f in _MODEL_FILES) or candidate.suffix == ".gguf" and candidate.is_file():
+            logger.warning("%s names its base model by the relative path %r: using %s.", config_file, base, candidate)
+            return str(candidate)
+    return base
+
+
+def _resolve_source(name_or_path: str, gguf_file: str | None, key: str, *, tokenizer: bool = False) -> _Source:
     asset = assets.resolve_model(name_or_path)
     if asset is not None:
         if gguf_file:
@@ -91,11 +154,13 @@ def _resolve_source(name_or_path: str, gguf_file: str | None, key: str) -> _Sour
     if path.is_dir():
         if gguf_file and not (path / gguf_file).is_file():
             raise ConfigError(f"model.gguf_file={gguf_file!r}: not found in {path}.")
-        name = str((path / gguf_file).resolve()) if gguf_file else name_or_path
+        wanted = _MODEL_FILES + _TOKENIZER_FILES if tokenizer else _MODEL_FILES
+        if not gguf_file and not any((path / f).is_file() for f in wanted):
+            raise _not_a_model_folder(key, name_or_path, path, "config.json")
+        name = str((path / gguf_file).resolve()) if gguf_file else str(path.resolve())
         return _Source(str(path), gguf_file, name, True)
-    if _looks_like_local_path(name_or_path) or path.exists():
-        raise ConfigError(f"{key}={name_or_path!r}: no such folder (give an HF folder, a .gguf file, a hub "
-                          f"name or a model asset: {_model_assets()}).")
+    if path.exists() or looks_like_local_path(name_or_path):
+        raise _not_a_model_folder(key, name_or_path, path, "config.json")
     return _Source(name_or_path, gguf_file, name_or_path, False)
 
 
@@ -103,23 +168,65 @@ def _model_assets() -> str:
     return ", ".join(n for n, spec in assets.ASSETS.items() if spec.kind == "model")
 
 
+@functools.lru_cache(maxsize=4)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint`` (or the proxy in front of it) cannot be reached, or None: one TCP connect, 3 s at most.
+
+    huggingface_hub retries a failed connection for ~50 s with a warning each time; a refused connection or
+    an unknown host answers at once, so offline users learn it in one line instead.
+    """
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or host, proxy_url.port or 8080
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def from_hub(load: Callable[..., Any], name: str, key: str, **kwargs: Any) -> Any:
+    """``load(name, **kwargs)`` (a ``from_pretrained``) for a Hugging Face Hub ``name``; an error is one line.
+
+    When the Hub cannot be reached, a copy in the local Hugging Face cache is used as HF_HUB_OFFLINE=1 would,
+    and without one the error comes at once, not after the Hub client's retries.
+    """
+    from huggingface_hub import constants, is_offline_mode
+
+    offline = is_offline_mode()
+    unreachable = None if offline else _hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        kwargs["local_files_only"] = True
+    try:
+        return load(name, **kwargs)
+    except OSError as e:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), _model_assets().split(", "), n=1, cutoff=0.5)
+        hint = f" Did you mean the asset {close[0]!r}?" if close else ""
+        if unreachable or offline:
+            why = f"the Hub is unreachable ({unreachable})" if unreachable else "HF_HUB_OFFLINE is set"
+            raise ModelLoadError(f"{key}={name!r}: not a local folder or an asset, not in the Hugging Face cache, "
+                                 f"and {why}.{hint} Give a local model folder or a model asset "
+                                 f"({_model_assets()}).") from None
+        reason = " ".join(str(e).split())[:300]
+        raise ModelLoadError(f"{key}={name!r}: not a local folder or an asset, and loading it from the Hugging Face "
+                             f"Hub failed: {reason}{hint}") from None
+
+
 def _from_pretrained(cls: Any, source: _Source, key: str, **kwargs: Any) -> Any:
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    try:
+    if source.local:
         return cls.from_pretrained(source.path, **kwargs)
-    except OSError as e:
-        if source.local:
-            raise
-        import difflib
-
-        close = difflib.get_close_matches(source.path.lower(), _model_assets().split(", "), n=1, cutoff=0.5)
-        hint = f"Did you mean the asset {close[0]!r}? " if close else ""
-        raise ModelLoadError(
-            f"{key}={source.path!r}: not a local folder nor an asset, and loading it from the Hugging Face Hub "
-            f"failed: {e}\n{hint}Offline? Use a local folder or a model asset ({_model_assets()}); HF_HUB_OFFLINE=1 "
-            "skips the Hub retries."
-        ) from e
+    return from_hub(cls.from_pretrained, source.path, key, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +279,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-    source = _resolve_source(cfg.tokenizer or cfg.name_or_path, None if cfg.tokenizer else cfg.gguf_file, key)
+    source = _resolve_source(cfg.tokenizer or cfg.name_or_path, None if cfg.tokenizer else cfg.gguf_file, key,
+                             tokenizer=True)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision and not cfg.tokenizer:
         kwargs["revision"] = cfg.revision
@@ -435,6 +543,9 @@ def save_model(
     inner = unwrap_model(model)
     path = Path(path)
     if is_peft_model(inner):
+        for adapter in inner.peft_config.values():  # a relative base resolves only from where the run started
+            if adapter.base_model_name_or_path:
+                adapter.base_model_name_or_path = portable_model_name(adapter.base_model_name_or_path)
         inner.save_pretrained(path, state_dict=state_dict, is_main_process=is_main_process,
                               safe_serialization=safe_serialization,
                               save_embedding_layers=_save_embedding_layers(inner))
@@ -487,10 +598,8 @@ def merge_lora(adapter_dir: str | Path, output_dir: str | Path, *, dtype: str = 
     if not config_file.is_file():
         raise ModelLoadError(f"{adapter_dir}: no adapter_config.json; merge_lora needs a LoRA adapter folder "
                              "(saved by a finetune: lora or qlora run).")
+    base = adapter_base(adapter_dir)
     adapter_config = json.loads(config_file.read_text())
-    base = adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise ModelLoadError(f"{config_file}: base_model_name_or_path is empty; cannot tell which model to merge into.")
     task = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls"}.get(adapter_config.get("task_type") or "CAUSAL_LM")
     if task is None:
         raise ModelLoadError(f"{config_file}: task_type {adapter_config.get('task_type')!r} is not supported "

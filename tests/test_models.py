@@ -162,8 +162,105 @@ def test_hub_failure_suggests_assets():
 
     source = models._resolve_source("smollm2-135m", None, "model.name_or_path")
     assert not source.local
-    with pytest.raises(OSError, match="(?s)couldn't connect.*Did you mean the asset 'smollm2-135m-instruct'"):
+    with pytest.raises(OSError, match="not in the Hugging Face cache.*Did you mean the asset 'smollm2-135m-instruct'"):
         models._from_pretrained(Unreachable, source, "model.name_or_path")
+
+
+@pytest.mark.parametrize("name, local", [
+    ("outputs/typo", True), ("./tiny", True), ("/abs/model", True), ("~/m", True), ("a/b/c", True),
+    ("runs\\sft", True), ("my model", True), ("outputs/", True), ("C:/models/x", True), ("org/..x", True),
+    ("Qwen/Qwen2.5-0.5B-Instruct", False), ("gpt2", False), ("someorg/some_model.v2", False),
+])
+def test_looks_like_local_path(name, local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # outputs/typo: a folder of that name is here, so not a Hub organisation
+    assert models.looks_like_local_path(name) is local
+
+
+def test_local_looking_names_fail_at_once_without_the_hub(tmp_path, monkeypatch):
+    """A typo of a local path, or a folder without a model, fails in one line before any Hub call."""
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"from_pretrained{args} was called: a local path went to the Hub / transformers")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "empty").mkdir(parents=True)
+    (tmp_path / "outputs" / "run" / "checkpoint-20").mkdir(parents=True)
+    (tmp_path / "outputs" / "run" / "checkpoint-20" / "config.json").write_text("{}")
+    cases = {"outputs/typo": "not a model folder: outputs/typo does not exist",
+             "outputs/empty": r"not a model folder: outputs/empty \(expected config.json\)",
+             "outputs/run": r"not a model folder: outputs/run \(expected config.json\); it holds checkpoints: "
+                            r"give one, e.g. outputs/run/checkpoint-20"}
+    for name, message in cases.items():
+        with pytest.raises(ConfigError, match=f"model.name_or_path='{name}': {message}") as e:
+            load_tokenizer(ModelConfig(name_or_path=name))
+        assert "\n" not in str(e.value)
+        with pytest.raises(ConfigError, match=message):
+            load_model(ModelConfig(name_or_path=name), tiny_tokenizer())
+    from alignkit.estimate.architecture import EstimateError, read_model_config
+
+    for name in ("outputs/typo", "outputs/empty"):
+        with pytest.raises(EstimateError, match=f"not a model folder: {name}"):
+            read_model_config(name, "model.name_or_path")
+
+
+_HUB_PROBE = """
+import sys
+from alignkit.config import ModelConfig
+from alignkit.models import load_tokenizer
+try:
+    load_tokenizer(ModelConfig(name_or_path=sys.argv[1]))
+    print("LOADED")
+except Exception as e:
+    print(type(e).__name__ + ": " + str(e))
+"""
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hf_cache_with(cache, repo, source_dir):
+    """An HF Hub cache (as huggingface_hub lays it out) holding ``source_dir``'s files as ``repo``'s main."""
+    import shutil
+
+    root = cache / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    shutil.copytree(source_dir, root / "snapshots" / commit)
+
+
+def test_a_hub_name_without_network_fails_at_once_in_one_line(tiny_dir, tmp_path):
+    """With HF_HUB_OFFLINE unset and the Hub unreachable, a Hub name not in the cache is one line with no
+    retry warnings (huggingface_hub alone retries for ~50 s); a cached one loads from the cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf"),
+               ALIGNKIT_CACHE=str(tmp_path / "alignkit"))
+    _hf_cache_with(tmp_path / "hf", "someorg/cached-model", tiny_dir)
+
+    def probe(name):
+        proc = subprocess.run([sys.executable, "-c", _HUB_PROBE, name], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        return proc.stdout.strip(), proc.stderr
+
+    out, err = probe("someorg/missing-model")
+    assert out.startswith("ModelLoadError: model.name_or_path='someorg/missing-model': not a local folder"), out
+    assert "the Hub is unreachable (127.0.0.1:" in out and "\n" not in out
+    assert "Retry" not in err and "Traceback" not in err, err
+    out, err = probe("someorg/cached-model")
+    assert out == "LOADED", out + err
 
 
 # -- LoRA, QLoRA, reference via disabled adapters --------------------------------------------------
@@ -321,6 +418,53 @@ def test_save_lora_writes_adapter_only_and_reloads_with_peft(tiny_dir, tmp_path)
     reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     inputs = batch(tok)
     torch.testing.assert_close(logits(reloaded, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+def _adapter_from_a_relative_base(tmp_path, monkeypatch):
+    """A LoRA adapter trained from ``model.name_or_path=tiny`` (relative) in tmp_path/work; its logits."""
+    work = tmp_path / "work"
+    save_tiny_llama(work / "tiny")
+    monkeypatch.chdir(work)
+    cfg = ModelConfig(name_or_path="tiny", dtype="float32", finetune="lora")
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok)
+    perturb_lora(model, seed=3)
+    save_model(model, tok, "outputs/lora")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return work / "outputs" / "lora", logits(model, batch(tok)), tok
+
+
+def test_an_adapter_loads_from_another_working_directory(tmp_path, monkeypatch):
+    """adapter_config.json records a base that resolves from anywhere: alignkit and plain PEFT load it."""
+    from peft import AutoPeftModelForCausalLM
+
+    from alignkit.generate import load_inference_model
+
+    adapter, expected, tok = _adapter_from_a_relative_base(tmp_path, monkeypatch)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "work" / "tiny")
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    torch.testing.assert_close(logits(peft_model, batch(tok)), expected, rtol=0, atol=0)
+    loaded = load_inference_model(str(adapter), dtype="float32")
+    torch.testing.assert_close(logits(loaded.model, batch(tok)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_older_adapter_with_a_relative_base_is_found_above_it(tmp_path, monkeypatch, caplog):
+    """Adapters saved before the fix record ``tiny``: found in the folders above the adapter, with a warning."""
+    from alignkit.generate import load_inference_model
+
+    adapter, expected, tok = _adapter_from_a_relative_base(tmp_path, monkeypatch)
+    config_file = adapter / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "tiny"}))
+    with caplog.at_level(logging.WARNING, logger="alignkit.models"):
+        loaded = load_inference_model(str(adapter), dtype="float32")
+    torch.testing.assert_close(logits(loaded.model, batch(tok)), expected, rtol=1e-5, atol=1e-5)
+    assert any("relative path 'tiny'" in r.getMessage() for r in caplog.records)
+    merged = merge_lora(adapter, tmp_path / "merged")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged), batch(tok)), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_merge_lora_gives_a_plain_model_with_the_adapter_logits(tiny_dir, tmp_path):
