@@ -322,11 +322,13 @@ def test_parse_gpu_memory():
 
 @pytest.mark.parametrize("argv, match", [
     (["sft", "--gpu-memory", "forty"], "--gpu-memory 'forty'"),
-    (["sft", "--set", "model.name_or_path=./no/such/model", "--gpu-memory", "40GB"], "no such folder"),
+    (["sft", "--set", "model.name_or_path=./no/such/model", "--gpu-memory", "40GB"], "not a model folder"),
     (["sft", "--set", "model.name_or_path=someone/unknown-model", "--gpu-memory", "40GB"], "--model-config"),
     (["sft", "--model-config", "/no/config.json", "--gpu-memory", "40GB"], "no such config file"),
     (["sft", "--set", "training.learnig_rate=1", "--gpu-memory", "40GB"], "did you mean"),
     (["sft", "--gpus", "0", "--gpu-memory", "40GB"], "--gpus 0"),
+    (["sft", "--gpu-memory", "-5GB"], "--gpu-memory '-5GB'"),  # as --gpu-memory=-5GB, not argparse's usage
+    (["sft", "--gpu-memory=-5GB"], "--gpu-memory '-5GB'"),
 ])
 def test_cli_errors_are_one_line(argv, match, capsys):
     from alignkit.cli import report_error
@@ -347,3 +349,77 @@ def test_model_config_file_folder_and_preset(tmp_path, tiny_model_dir):
     assert round(qwen.params / 1e9, 2) == 7.62
     est = estimate(alignkit.build_config("sft", {}, []), 1, 80, model_config="Qwen/Qwen2-7B", suggest=False)
     assert "Qwen/Qwen2-7B (7.62B" in est.models["policy"]
+
+
+# --------------------------------------------------------------------------------------------------
+# When nothing fits: suggestions combined; LoRA reward models; CPU runs
+# --------------------------------------------------------------------------------------------------
+
+
+def _rloo_7b(*overrides: str):
+    return alignkit.build_config("rloo", {}, ["model.name_or_path=Qwen/Qwen2-7B", "rloo.reward.model=Qwen/Qwen2-7B",
+                                              "training.num_processes=2", *overrides])
+
+
+def test_plan_combines_suggestions_until_the_run_fits():
+    """7B RLOO on 2 x 40 GB at defaults: no single suggestion fits; the plan is a combination that does, each
+    of its changes needed, and rebuilding the config with its --sets gives the peak it reports."""
+    cfg = _rloo_7b()
+    est = estimate(cfg, 2, 40)
+    assert not est.fits and est.suggestions and not any(s["fits"] for s in est.suggestions)
+    plan = est.plan
+    assert plan["fits"] and len(plan["set"]) >= 2 and plan["peak_gb"] <= 40
+    raw = cfg.to_dict()
+    raw.pop("method")
+
+    def peak(sets):
+        return estimate(alignkit.build_config("rloo", json.loads(json.dumps(raw)), sets), 2, 40,
+                        suggest=False).per_gpu_peak_gb
+
+    assert peak(plan["set"]) == pytest.approx(plan["peak_gb"], abs=1e-3)
+    for item in plan["set"]:  # minimal: without any one of its changes it does not fit
+        assert peak([x for x in plan["set"] if x != item]) > 40
+    assert f"It fits with --set {' --set '.join(plan['set'])}" in est.verdict()
+    assert "combined" in est.table()
+
+
+def test_plan_says_when_nothing_fits_and_what_comes_closest():
+    est = estimate(_rloo_7b(), 2, 4)
+    plan = est.plan
+    assert not plan["fits"] and plan["set"]
+    assert plan["peak_gb"] < min(s["peak_gb"] for s in est.suggestions)  # closer than any single change
+    assert plan["peak_gb"] > 4
+    verdict = est.verdict()
+    assert "No combination of the suggestions fits; the closest" in verdict and "--set " in verdict
+    assert est.to_json()["plan"] == plan
+
+
+def test_lora_reward_model_folder(tmp_path, tiny_model_dir):
+    """A reward model saved as a LoRA adapter (what `train rm` with finetune: lora writes; `train ppo` loads
+    it): its base model plus the adapter, counted as peft builds it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
+    rm_dir = tmp_path / "rm-lora"
+    peft_model.save_pretrained(str(rm_dir))
+    assert not (rm_dir / "config.json").exists() and (rm_dir / "adapter_config.json").is_file()
+
+    arch = arch_of(str(rm_dir), "seq_cls", key="ppo.reward.model")
+    assert arch.params == sum(p.numel() for p in peft_model.parameters())  # base + adapter + saved score head
+    cfg = cfg_of("ppo", tiny_model_dir, f"ppo.reward.model={rm_dir}")
+    est = estimate(cfg, 1, 40, device="cpu", suggest=False)
+    assert "LoRA r=4" in est.models["reward model"]
+    assert part(est, "scoring", "reward model") == arch.params * 4  # frozen, fp32 on CPU
+
+
+def test_cpu_device_needs_no_gpu_memory(tiny_model_dir, capsys):
+    import os
+
+    assert estimate_main(["sft", "--set", f"model.name_or_path={tiny_model_dir}", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    assert f"1 CPU process(es) x {ram:.1f} GiB" in text and "fits:" in text
+    cfg = cfg_of("sft", tiny_model_dir)
+    assert estimate(cfg, 2, device="cpu", suggest=False).gpu_memory_gb == pytest.approx(ram / 2)

@@ -3,8 +3,10 @@ Hub) and the architectures built from them on the meta device: parameter counts,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,9 +226,37 @@ def _arch_from_json(name: str, config_json: str, task: str) -> Arch:
 def arch_of(name: str, task: str = "causal_lm", *, key: str = "model.name_or_path", gguf_file: str | None = None,
             config_override: str | None = None) -> Arch:
     """The :class:`Arch` of model ``name`` for ``task`` (``causal_lm`` or ``seq_cls``); ``config_override``
-    (a config.json path, a folder or a preset) replaces where its config is read from."""
-    values = read_model_config(config_override or name, "--model-config" if config_override else key, gguf_file)
-    return _arch_from_json(config_override or name, json.dumps(values, sort_keys=True, default=str), task)
+    (a config.json path, a folder or a preset) replaces where its config is read from. A LoRA adapter folder
+    counts as it loads: its base model plus the adapter."""
+    source = config_override or name
+    key = "--model-config" if config_override else key
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        return _adapter_arch(folder, task, key)
+    values = read_model_config(source, key, gguf_file)
+    return _arch_from_json(source, json.dumps(values, sort_keys=True, default=str), task)
+
+
+def _adapter_arch(folder: Path, task: str, key: str) -> Arch:
+    """A LoRA adapter folder (what a ``finetune: lora`` run saves, e.g. a reward model) as from_pretrained loads
+    it: the base model its adapter_config.json names, plus the adapter's weights (and a seq-cls adapter's score
+    head, which it saves in full)."""
+    from alignkit.models import adapter_base
+
+    try:
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        base = adapter_base(folder)
+    except (OSError, ValueError) as e:
+        raise EstimateError(f"{key}={str(folder)!r}: a LoRA adapter folder, but its adapter_config.json cannot be "
+                            f"used: {' '.join(str(e).split())}") from None
+    arch = arch_of(base, task, key=f"{key} (the base model in {folder}/adapter_config.json)")
+    targets = adapter.get("target_modules") or "all-linear"
+    if isinstance(targets, str) and targets != "all-linear":  # peft: a regex over the full module names
+        targets = sorted({n.rsplit(".", 1)[-1] for n, _, _ in arch.linears if re.fullmatch(targets, n)})
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    rank = int(adapter.get("r") or 8)
+    return dataclasses.replace(arch, name=f"{folder} (LoRA r={rank} on {arch.name})",
+                               params=arch.params + lora_parameters(arch, targets, rank))
 
 
 def lora_parameters(arch: Arch, targets: list[str], rank: int) -> int:

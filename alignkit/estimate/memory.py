@@ -325,6 +325,7 @@ class Estimate:
     phases: dict[str, dict[str, float]]  # phase -> part -> bytes
     assumptions: list[str]
     suggestions: list[dict[str, Any]] = field(default_factory=list)
+    plan: dict[str, Any] | None = None  # when it does not fit: suggestions combined until it fits, or the closest
 
     @property
     def phase_totals(self) -> dict[str, float]:
@@ -357,10 +358,20 @@ class Estimate:
         if self.fits:
             return f"fits: {where}, {_gib(mem - peak)} to spare."
         line = f"does not fit: {where}, {_gib(peak - mem)} over."
-        fixes = [sg for sg in self.suggestions if sg["fits"]]
-        if fixes:
-            line += f" It fits with --set {' --set '.join(fixes[0]['set'])} ({_gib(fixes[0]['peak_gb'])})."
-        return line
+        plan = self.plan
+        if plan is None:  # suggestions only (no search): the best single change that fits, if one does
+            fixes = [sg for sg in self.suggestions if sg["fits"]]
+            plan = {"set": fixes[0]["set"], "peak_gb": fixes[0]["peak_gb"], "fits": True} if fixes else None
+        if plan is None:
+            return line
+        sets = "--set " + " --set ".join(plan["set"])
+        if plan["fits"]:
+            return line + f" It fits with {sets} ({_gib(plan['peak_gb'])})."
+        line += (f" No combination of the suggestions fits; the closest, {sets}, needs {_gib(plan['peak_gb'])} "
+                 f"per GPU ({_gib(plan['peak_gb'] - mem)} over)")
+        if plan.get("gpus_needed"):
+            return line + f"; with it, it fits on {plan['gpus_needed']} GPUs of {_gib(mem)}."
+        return line + "; use GPUs with more memory."
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -371,7 +382,7 @@ class Estimate:
             "phases": {k: round(v, 3) for k, v in self.phase_totals.items()},
             "breakdown": {p: {k: round(v / GIB, 4) for k, v in parts.items()} for p, parts in self.phases.items()},
             "models": self.models, "assumptions": self.assumptions, "suggestions": self.suggestions,
-            "verdict": self.verdict(),
+            "plan": self.plan, "verdict": self.verdict(),
         }
 
     def table(self) -> str:
@@ -382,7 +393,8 @@ class Estimate:
             rows += [k for k in parts if k not in rows]
         width = max(len(r) for r in rows + ["per-GPU peak (with allowance)"]) + 2
         col = max(10, max(len(n) for n in names) + 2)
-        out = [f"alignkit estimate {self.method}: {self.gpus} GPU(s) x {self.gpu_memory_gb:.1f} GiB, {self.setup}"]
+        devices = "GPU(s)" if self.device == "cuda" else "CPU process(es)"
+        out = [f"alignkit estimate {self.method}: {self.gpus} {devices} x {self.gpu_memory_gb:.1f} GiB, {self.setup}"]
         out += [f"  {role}: {line}" for role, line in self.models.items()]
         out.append("")
         out.append(" " * width + "".join(f"{n:>{col}}" for n in names) + f"   ({unit} per GPU)")
@@ -406,6 +418,11 @@ class Estimate:
                 flag = "  fits" if sg["fits"] else ""
                 sets = " ".join(f"--set {x}" for x in sg["set"])
                 out.append(f"  {sets:<72} -{sg['saves_gb']:.2f} GiB -> {sg['peak_gb']:.2f} GiB{flag}")
+        if self.plan:
+            out.append("")
+            out.append("combined (each change re-estimated on top of the others, those not needed dropped):")
+            sets = " ".join(f"--set {x}" for x in self.plan["set"])
+            out.append(f"  {sets} -> {self.plan['peak_gb']:.2f} GiB{'  fits' if self.plan['fits'] else ''}")
         out.append("")
         out.append(self.verdict())
         return "\n".join(out)
