@@ -312,6 +312,29 @@ def test_selection_and_folder_errors(tmp_path, tiny_model_dir, steps):
     assert not (tmp_path / "calls.log").exists()
 
 
+def test_a_python_stage_that_raises_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    """User code that raises: one line naming the stage (the state file records it), the traceback only with
+    --debug."""
+    from alignkit.cli import main
+    from alignkit.errors import TrainingError
+
+    (tmp_path / "broken_steps.py").write_text("def explode(n):\n    raise ValueError(f'no rows in part {n}')\n")
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, {"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "prepare", "run": "broken_steps.py:explode", "args": {"n": 3}}]})
+    assert main(["pipeline", str(path)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("alignkit: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("alignkit: error: stage prepare failed: ValueError: no rows in part 3 (in "
+                                "broken_steps.py:explode; --debug shows the traceback)")
+    record = read_state(tmp_path / "out")["stages"]["prepare"]
+    assert record["status"] == "failed" and record["error"] == "ValueError: no rows in part 3"
+    with pytest.raises(TrainingError, match="stage prepare failed") as info:  # --debug: the traceback
+        main(["--debug", "pipeline", str(path)])
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 # block style needs no quotes; inside [...] or {...} a reference must be quoted
 DRY_RUN = """\
 output_dir: {out}

@@ -420,6 +420,9 @@ class _Runner:
                        "seconds": round(time.perf_counter() - t0, 1)})
             if isinstance(e, AlignkitError):
                 raise _with_stage(e, stage) from e
+            if stage.run and isinstance(e, Exception):  # the user's step raised: one line, its traceback with --debug
+                raise TrainingError(f"stage {stage.name} failed: {' '.join(error.split())} (in {stage.run}; "
+                                    "--debug shows the traceback).") from e
             raise
         self.save({**record, **result, "status": "done", "seconds": round(time.perf_counter() - t0, 1),
                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
