@@ -74,7 +74,8 @@ class ModelConfig:
 @dataclass
 class DataSource:
     path: str = opt(doc="JSON/JSONL/Parquet/CSV file (optionally .gz), a folder saved by `datasets`, a hub dataset "
-                        "name, a named asset, or a LLaMA-Factory registry entry: data/dataset_info.json#name.")
+                        "name, a named asset, a LLaMA-Factory registry entry: data/dataset_info.json#name, or a "
+                        "reasoning-gym task: reasoning_gym:TASK?size=N&seed=S (split: test = held out).")
     split: str = opt("train", "Split to read (hub datasets and DatasetDict folders).")
     subset: str | None = opt(None, "Hub dataset configuration name.")
     ratio: float = opt(1.0, "Mixing weight: rows drawn from this source = ratio * its size (ratio > 1 repeats rows).")
@@ -312,8 +313,10 @@ def _from_dict(cls: type, data: Any, where: str, base: Any = None) -> Any:
     return cls(**kwargs)
 
 
-# keys that were renamed when they moved into a nested section (0.1 -> 0.2)
-_RENAMED = {"engine": "sampler", "generation_batch_size": "batch_size"}
+# keys that were renamed when they moved into a nested section (0.1 -> 0.2), and names users reach for
+_RENAMED = {"engine": "sampler", "generation_batch_size": "batch_size",
+            "verifier": "answer", "accuracy": "answer", "math_verify": "answer", "answer_key": "answer_column",
+            "solution_column": "answer_column", "format": "format_pattern"}
 
 
 def _suggest_key(key: str, cls: type, where: str) -> str:

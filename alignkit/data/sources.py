@@ -30,6 +30,7 @@ from typing import Any
 
 from alignkit.config import DataSource
 from alignkit.data.formats import from_llamafactory, llamafactory_format
+from alignkit.data.reasoning_gym import is_reasoning_gym_path, read_reasoning_gym
 from alignkit.data.rows import DataError, Row, rename_fields
 
 logger = logging.getLogger("alignkit")
@@ -47,11 +48,17 @@ _REENCODE = "Re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OU
 def read_source(src: DataSource, *, on_bad_row: str = "error", skipped: list[DataError] | None = None) -> list[Row]:
     """Rows of ``src`` after column renaming and ``limit``.
 
-    Resolution order: a named asset (``alignkit.assets.resolve_data``), a LLaMA-Factory dataset
+    Resolution order: a reasoning-gym task (``reasoning_gym:TASK?size=N&seed=S``, :mod:`.reasoning_gym`), a
+    named asset (``alignkit.assets.resolve_data``), a LLaMA-Factory dataset
     (``dataset_info.json#name``), a local file or folder, a hub dataset. With ``on_bad_row="skip"`` a
     bad row (a malformed JSONL line, a CSV row with the wrong number of fields, a LLaMA-Factory record
     that does not convert) is logged, appended to ``skipped`` and dropped instead of raising.
     """
+    if is_reasoning_gym_path(src.path):
+        rows = read_reasoning_gym(src)  # generated up to src.limit
+        if src.columns:
+            _rename_columns(rows, src)
+        return rows
     registry_entry = _split_registry_path(src.path)
     if registry_entry is not None:
         return _read_registry_dataset(*registry_entry, src, on_bad_row, skipped)

@@ -4,13 +4,16 @@ A source scores a batch of sampled responses (:class:`RewardInputs`) and returns
 
 - :class:`RewardModelScorer` (``reward.model``): a sequence classifier with its own tokenizer;
 - :class:`FunctionReward` (``reward.functions``): ``fn(prompts, completions, **row_fields) -> list[float]``;
-- :class:`HTTPReward` (``reward.url``): a JSON endpoint ``{"prompts", "completions", ...} -> {"rewards"}``.
+- :class:`HTTPReward` (``reward.url``): a JSON endpoint ``{"prompts", "completions", ...} -> {"rewards"}``;
+- :class:`AnswerReward` (``reward.answer``): is the answer correct (math-verify, exact, regex, a reasoning-gym
+  task's verifier); :class:`FormatReward` (``reward.format_pattern``): does the completion match a regex.
 
 :class:`CombinedReward` adds them up with weights and post-processes the sum (EOS penalty, normalisation,
 clipping; :mod:`~alignkit.rewards.combine`). :func:`build_reward` makes one from a
 :class:`RewardSourcesConfig` (the ``reward:`` section).
 """
 
+from alignkit.rewards.answers import AnswerReward, FormatReward, extract_answer
 from alignkit.rewards.combine import (
     NORMALIZE_CHOICES,
     CombinedReward,
@@ -32,8 +35,8 @@ from alignkit.rewards.model import (
 )
 
 __all__ = [
-    "NORMALIZE_CHOICES", "CombinedReward", "FunctionReward", "HTTPReward", "RewardError", "RewardInputs",
-    "RewardModelFraming", "RewardModelScorer", "RewardResult", "RewardSourcesConfig", "RunningMoments",
-    "batch_normalize", "build_reward", "clip_rewards", "encoder_special_tokens", "eos_penalty", "load_function",
-    "prompt_text", "same_tokenizer", "target_token_share",
+    "NORMALIZE_CHOICES", "AnswerReward", "CombinedReward", "FormatReward", "FunctionReward", "HTTPReward",
+    "RewardError", "RewardInputs", "RewardModelFraming", "RewardModelScorer", "RewardResult", "RewardSourcesConfig",
+    "RunningMoments", "batch_normalize", "build_reward", "clip_rewards", "encoder_special_tokens", "eos_penalty",
+    "extract_answer", "load_function", "prompt_text", "same_tokenizer", "target_token_share",
 ]

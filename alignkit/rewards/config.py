@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import ConfigError, check_choice, opt
+from alignkit.rewards.answers import AnswerReward, FormatReward, check_answer_options
 from alignkit.rewards.combine import NORMALIZE_CHOICES, CombinedReward
 from alignkit.rewards.functions import FunctionReward
 from alignkit.rewards.http import HTTPReward
@@ -31,6 +32,16 @@ class RewardSourcesConfig:
     url_weight: float = opt(1.0, "Weight of the HTTP endpoint's score in the sum.")
     url_timeout: float = opt(30.0, "Seconds to wait for the HTTP endpoint per attempt.")
     url_retries: int = opt(3, "Retries (with exponential backoff) on connection errors, timeouts and 5xx.")
+    answer: str | None = opt(None, "The answer must be correct: math (math-verify equivalence), exact, regex (the "
+                                   "reference is a regex) or reasoning_gym (the task's own verifier); 1 or 0 each. "
+                                   "Needs pip install 'alignkit[reasoning]' for math and reasoning_gym.")
+    answer_column: str = opt("answer", "Dataset column holding the reference answer for reward.answer.")
+    answer_extract: str = opt("auto", "Which part of a completion is its answer: auto (last <answer></answer>, else last "
+                                      "\\boxed{}, else all of it), tag, boxed, last_number, last_line, all.")
+    answer_weight: float = opt(1.0, "Weight of the answer check in the sum.")
+    format_pattern: str | None = opt(None, "Regex the whole completion must match for 1 (else 0), e.g. "
+                                           "'<think>.*</think>\\s*<answer>.*</answer>'.")
+    format_weight: float = opt(1.0, "Weight of the format check in the sum.")
     normalize: str = opt("none", "Normalise the summed reward: none, batch (this rollout's mean/std) or running "
                                  "(mean/std of all rewards so far).")
     clip: float | None = opt(None, "Clip the final reward to [-clip, clip] (None: no clipping).")
@@ -39,12 +50,13 @@ class RewardSourcesConfig:
 
     def check(self, section: str = "reward") -> None:
         """Raise ConfigError naming ``section.key`` for a bad or missing value."""
-        if not (self.model or self.functions or self.url):
-            raise ConfigError(f"{section}: no reward source; set {section}.model, {section}.functions or "
-                              f"{section}.url.")
+        if not (self.model or self.functions or self.url or self.answer or self.format_pattern):
+            raise ConfigError(f"{section}: no reward source; set {section}.model, {section}.functions, "
+                              f"{section}.url or {section}.answer.")
         if self.function_weights and len(self.function_weights) != len(self.functions):
             raise ConfigError(f"{section}.function_weights has {len(self.function_weights)} weights for "
                               f"{len(self.functions)} functions; give one per function or none.")
+        check_answer_options(self.answer, self.answer_extract, self.format_pattern, section)
         check_choice(f"{section}.normalize", self.normalize, NORMALIZE_CHOICES)
         if self.clip is not None and self.clip < 0:
             raise ConfigError(f"{section}.clip={self.clip}: must be > 0 (or null for no clipping).")
@@ -58,7 +70,7 @@ class RewardSourcesConfig:
 def build_reward(cfg: RewardSourcesConfig, policy_tokenizer, device: torch.device | str | None = None, *,
                  dtype: str = "auto", prepare_model: Callable | None = None, section: str = "reward") -> CombinedReward:
     """The CombinedReward of ``cfg``: reward model (placed by ``prepare_model`` or moved to ``device``),
-    functions and HTTP endpoint, in that order."""
+    functions, HTTP endpoint, answer check and format check, in that order."""
     cfg.check(section)
     sources: list[tuple[str, Callable, float]] = []
     if cfg.model:
@@ -73,5 +85,10 @@ def build_reward(cfg: RewardSourcesConfig, policy_tokenizer, device: torch.devic
     if cfg.url:
         http = HTTPReward(cfg.url, timeout=cfg.url_timeout, retries=cfg.url_retries)
         sources.append((http.name, http, cfg.url_weight))
+    if cfg.answer:
+        check = AnswerReward(cfg.answer, cfg.answer_column, cfg.answer_extract, section=section)
+        sources.append((check.name, check, cfg.answer_weight))
+    if cfg.format_pattern:
+        sources.append((FormatReward.name, FormatReward(cfg.format_pattern, section=section), cfg.format_weight))
     return CombinedReward(sources, normalize=cfg.normalize, clip=cfg.clip,
                           missing_eos_penalty=cfg.missing_eos_penalty, policy_tokenizer=policy_tokenizer)
