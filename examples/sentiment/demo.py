@@ -57,11 +57,16 @@ def generate_answer(model_dir: str | Path, question: str, max_new_tokens: int = 
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def answer(model_dir: str | Path, question: str, prompts_path: str | Path) -> dict[str, str]:
-    """The policy's answer to ``question`` and its continuation of the first held-out review opening."""
+def answer(model_dir: str | Path, question: str, prompts_path: str | Path,
+           before_dir: str | Path | None = None) -> dict[str, str]:
+    """The policy's answer to ``question`` and its continuation of the first held-out review opening; with
+    ``before_dir`` (the policy PPO started from) that model's continuation too, to compare."""
     opening = json.loads(Path(prompts_path).read_text().splitlines()[0])["prompt"][0]["content"]
-    return {"question": question, "answer": generate_answer(model_dir, question),
-            "opening": opening, "continuation": generate_answer(model_dir, opening, max_new_tokens=24)}
+    out = {"question": question, "answer": generate_answer(model_dir, question),
+           "opening": opening, "continuation": generate_answer(model_dir, opening, max_new_tokens=24)}
+    if before_dir is not None:
+        out["continuation_before"] = generate_answer(before_dir, opening, max_new_tokens=24)
+    return out
 
 
 def _last_kl(ppo_dir: Path, steps: int = 3) -> float:
@@ -94,16 +99,21 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None,
 
     stage = {e["stage"]: e for e in summary["stages"]}
     sft, rm, answers = stage["sft"]["metrics"], stage["rm_accuracy"]["outputs"], stage["answers"]["outputs"]
-    before = stage["reward_before"]["outputs"]["mean_reward"]
-    after = stage["reward_after"]["outputs"]["mean_reward"]
+    before, after = stage["reward_before"]["outputs"], stage["reward_after"]["outputs"]
     print(f"\nSFT: train loss {sft.get('loss', float('nan')):.3f}, held-out loss "
           f"{sft.get('eval/loss', float('nan')):.3f}")
     print(f"RM: held-out pairwise accuracy {rm['accuracy']:.1%} on {rm['pairs']} pairs")
     # a rollout of 8 responses is noisy: both policies are compared on the same held-out prompts and seeds
-    print(f"PPO: held-out mean reward {before:+.3f} (SFT model) -> {after:+.3f} (PPO model), "
-          f"KL to the SFT model {_last_kl(Path(stage['ppo']['output_dir'])):.3f}")
+    print(f"PPO: held-out mean reward {before['mean_reward']:+.3f} (SFT model) -> {after['mean_reward']:+.3f} "
+          f"(PPO model), KL to the SFT model {_last_kl(Path(stage['ppo']['output_dir'])):.3f}")
+    # repetition of the same held-out samples: distinct word pairs / all word pairs (1 = no pair repeats)
+    print(f"PPO: held-out distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f} over all samples, "
+          f"{before['distinct_2_per_response']:.3f} -> {after['distinct_2_per_response']:.3f} within a response")
     print(f"\nQ: {answers['question']}\nA (trained policy): {answers['answer']}")
-    print(f"Q: {answers['opening']}\nA (trained policy): {answers['continuation']}")
+    print(f"Q: {answers['opening']}")
+    if "continuation_before" in answers:
+        print(f"A (SFT model):      {answers['continuation_before']}")
+    print(f"A (trained policy): {answers['continuation']}")
     print(f"\ndemo finished in {summary['seconds']:.0f} s; models under {out}/ (sft, rm, ppo)")
     return summary
 

@@ -3,6 +3,8 @@
 - :func:`policy_preference_accuracy`: how often a causal LM gives the chosen completion a higher
   log-likelihood than the rejected one (summed, and length-normalised) — "does the model prefer it".
 - :func:`reward_model_accuracy`: how often a reward model scores chosen above rejected, and the mean margin.
+- :func:`mean_policy_reward`: the mean reward of a policy's seeded samples on held-out prompts, and how
+  repetitive those samples are (:func:`distinct_n`).
 """
 
 from __future__ import annotations
@@ -71,13 +73,30 @@ def reward_model_accuracy(rm_dir: str | Path, data_path: str | Path, *, max_leng
     return {"accuracy": wins / len(rows), "mean_margin": margin / len(rows), "pairs": len(rows)}
 
 
+def distinct_n(texts: list[str], n: int = 2) -> dict[str, float]:
+    """Repetition of generated ``texts`` as distinct-n (Li et al. 2016) over lower-cased words: ``corpus`` =
+    distinct n-grams / all n-grams over every text (low: the texts repeat each other), ``per_text`` = the
+    same inside each text, averaged over the texts with at least one n-gram (low: a text repeats itself,
+    "a movie about a movie about a movie")."""
+    corpus: list[tuple[str, ...]] = []
+    per_text = []
+    for text in texts:
+        words = text.lower().split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        corpus += grams
+        if grams:
+            per_text.append(len(set(grams)) / len(grams))
+    return {"corpus": len(set(corpus)) / len(corpus) if corpus else 0.0,
+            "per_text": sum(per_text) / len(per_text) if per_text else 0.0}
+
+
 @torch.no_grad()
 def mean_policy_reward(model_dir: str | Path, prompts_path: str | Path, *, reward_model: str | None = None,
                        reward_functions: list[str] | None = None, max_new_tokens: int = 24,
                        temperature: float = 1.0, num_samples: int = 2, seed: int = 0,
                        max_prompt_length: int = 96) -> dict[str, float]:
     """Mean reward of a saved policy's sampled responses to held-out prompts (seeded, so two policies
-    are compared on the same prompts with the same sampling noise)."""
+    are compared on the same prompts with the same sampling noise), and their distinct-2 (:func:`distinct_n`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.config import DataConfig, DataSource
@@ -92,7 +111,7 @@ def mean_policy_reward(model_dir: str | Path, prompts_path: str | Path, *, rewar
     sampler = HFSampler(tok, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                             num_samples=num_samples, do_sample=temperature > 0))
     reward = build_reward(RewardSourcesConfig(model=reward_model, functions=list(reward_functions or [])), tok, "cpu")
-    total, n, eos = 0.0, 0, 0
+    total, n, eos, texts = 0.0, 0, 0, []
     for i in range(0, len(rows), 16):
         chunk = rows[i:i + 16]
         rollout = sampler.generate(model, [r["prompt_ids"] for r in chunk], seed=seed + i)
@@ -100,4 +119,7 @@ def mean_policy_reward(model_dir: str | Path, prompts_path: str | Path, *, rewar
         total += float(result.combined.sum())
         n += len(result.combined)
         eos += int(rollout.ended_with_eos.sum())
-    return {"mean_reward": total / n, "responses": n, "ended_with_eos": eos / n}
+        texts += rollout.response_texts
+    distinct = distinct_n(texts, 2)
+    return {"mean_reward": total / n, "responses": n, "ended_with_eos": eos / n,
+            "distinct_2": distinct["corpus"], "distinct_2_per_response": distinct["per_text"]}

@@ -9,6 +9,7 @@ import pytest
 from examples.sentiment import task as sentiment
 from examples.sentiment import vader_reward
 from examples.sentiment.evaluation import (
+    distinct_n,
     mean_policy_reward,
     policy_preference_accuracy,
     reward_model_accuracy,
@@ -48,9 +49,20 @@ def test_mean_policy_reward_with_a_function(tmp_path, tiny_model_dir):
     res = mean_policy_reward(tiny_model_dir, prompts, reward_functions=["alignkit.rewards:target_token_share"],
                              max_new_tokens=6, num_samples=2)
     assert res["responses"] == 8 and 0.0 <= res["mean_reward"] <= 1.0
+    assert 0.0 < res["distinct_2"] <= 1.0 and 0.0 < res["distinct_2_per_response"] <= 1.0
     again = mean_policy_reward(tiny_model_dir, prompts, reward_functions=["alignkit.rewards:target_token_share"],
                                max_new_tokens=6, num_samples=2)
     assert again == res  # seeded: comparable across policies
+
+
+def test_distinct_2_counts_repeated_word_pairs():
+    loop = "Mike is a movie about a movie about a movie"  # 9 pairs, 5 distinct
+    assert distinct_n([loop]) == {"corpus": 5 / 9, "per_text": 5 / 9}
+    fresh = "A warm and funny film"  # 4 distinct pairs
+    both = distinct_n([loop, fresh, fresh.upper()])  # the same words upper-cased repeat the same pairs
+    assert both["corpus"] == (5 + 4) / (9 + 4 + 4)
+    assert both["per_text"] == (5 / 9 + 1 + 1) / 3
+    assert distinct_n(["one", ""]) == {"corpus": 0.0, "per_text": 0.0}  # no pair at all
 
 
 def test_sentiment_task_files(tmp_path, monkeypatch):
