@@ -53,4 +53,9 @@ def train(run_config: RunConfig | str, path: str | Path | None = None, overrides
             run_config = build_config(run_config, sections, overrides)
         else:
             run_config = load_config(run_config, path, overrides)
-    return runner(run_config.method)(run_config)
+    from alignkit.training.checkpoint import check_run_start, releasing_run_lock  # torch: only when training
+
+    # a run to keep there, a damaged or changed checkpoint to resume: refused before data and models load
+    check_run_start(run_config, quiet=True)
+    with releasing_run_lock(run_config.training.output_dir):  # on every exit, errors included
+        return runner(run_config.method)(run_config)

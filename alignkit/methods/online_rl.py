@@ -440,8 +440,8 @@ def run(cfg: RunConfig) -> dict:
                           method_state=OnlineState(kl_controller, reward), bar_keys=("reward", "kl", "loss/policy"),
                           checkpointer_cls=PolicyCriticCheckpointer if critic is not None else Checkpointer)
     model, state = run_.model, run_.state
-    if state.step and accelerator.is_main_process:
-        cut_jsonl(run_.output_dir / "samples.jsonl", state.step)  # a resumed run samples those steps again
+    if accelerator.is_main_process:  # a resumed run (or one from scratch) samples the steps after state.step again
+        cut_jsonl(run_.output_dir / "samples.jsonl", state.step)
     sampler = build_sampler(args.generation, tokenizer, model_name_or_path=cfg.model.name_or_path,
                             device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed, policy=model)
     # the module the sampler samples from; vLLM syncs weights by parameter name, so give it the bare policy

@@ -62,21 +62,82 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def check_output_dir(t: TrainingConfig) -> Path | None:
-    """Decide where to resume from, refusing to silently overwrite a previous run."""
+FINAL_MODEL_FILES = ("config.json", "adapter_config.json")  # what Run.finish leaves in output_dir
+
+
+def holds_run(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds a run worth keeping: a complete checkpoint or a final model. The config
+    and metrics an attempt writes before its first checkpoint do not count: that attempt is lost anyway."""
+    out = Path(output_dir)
+    return bool(list_checkpoints(out)) or any((out / name).is_file() for name in FINAL_MODEL_FILES)
+
+
+def damaged_file(checkpoint: Path) -> tuple[Path, str] | None:
+    """The first file of ``checkpoint`` that resuming would fail to read, and why: a state file that is not
+    JSON, a safetensors file whose header does not parse or whose data is cut short (a crash or a full disk
+    while it was written, a bad copy). None when every one reads."""
+    import yaml
+    from safetensors import safe_open
+
+    state = checkpoint / TRAINER_STATE
+    for path in [checkpoint / STATE_FILE, *sorted(state.glob("*.json"))]:
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return path, f"{type(e).__name__}: {e}"
+    if (checkpoint / CONFIG_FILE).is_file():  # what check_resume_config compares against
+        try:
+            yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            return checkpoint / CONFIG_FILE, f"{type(e).__name__}: {' '.join(str(e).split())}"
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+            return path, f"{type(e).__name__}: {e}"
+    return None
+
+
+def _latest_readable(out: Path, ckpts: list[Path], quiet: bool) -> Path:
+    """The newest of ``ckpts`` whose files read, saying which damaged ones it passed over."""
+    for i in range(len(ckpts) - 1, -1, -1):
+        damage = damaged_file(ckpts[i])
+        if damage is None:
+            return ckpts[i]
+        path, why = damage
+        if i == 0:
+            raise TrainingError(
+                f"training.resume=latest: {path} is damaged ({why}) and {out} has no earlier complete checkpoint "
+                "to resume from. Start over there with training.overwrite_output_dir=true and no training.resume, "
+                "or choose another output_dir.")
+        if not quiet:
+            logger.warning(f"{path} is damaged ({why}); resuming from the previous checkpoint, {ckpts[i - 1]}, "
+                           "instead.")
+    raise AssertionError("unreachable")
+
+
+def check_output_dir(t: TrainingConfig, *, quiet: bool = False) -> Path | None:
+    """Decide where to resume from, refusing to silently overwrite a previous run. ``quiet``: no warnings
+    (the early check of :func:`check_run_start`; the run's own check says them)."""
     out = Path(t.output_dir)
     ckpts = list_checkpoints(out)
     if t.resume == "latest":
         if not ckpts:
-            logger.warning(f"training.resume=latest but {out} has no complete checkpoint; starting from scratch.")
+            if not quiet:
+                logger.warning(f"training.resume=latest but {out} has no complete checkpoint; starting from scratch.")
             return None
-        return ckpts[-1]
+        return _latest_readable(out, ckpts, quiet)
     if t.resume:
         path = Path(t.resume)
         if not (path / STATE_FILE).is_file():
             raise TrainingError(f"training.resume={t.resume}: not a complete alignkit checkpoint (no {STATE_FILE}).")
+        damage = damaged_file(path)
+        if damage is not None:
+            raise TrainingError(f"training.resume={t.resume}: {damage[0]} is damaged ({damage[1]}); resume from "
+                                "an earlier checkpoint of that run instead.")
         return path
-    if (ckpts or (out / CONFIG_FILE).is_file()) and not t.overwrite_output_dir:
+    if holds_run(out) and not t.overwrite_output_dir:
         raise TrainingError(
             f"training.output_dir={out} already holds a run. Set training.resume=latest to continue it, "
             "training.overwrite_output_dir=true to start over there, or choose another output_dir."
@@ -101,6 +162,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _read_lock(lock: Path) -> dict | None:
+    """The holder a lock file names, or None when it is empty or unreadable. A lock is created empty and
+    written at once, so an empty one is read again after a moment before it counts as broken."""
+    import time
+
+    for wait in (0.0, 0.5):
+        time.sleep(wait)
+        try:
+            holder = json.loads(lock.read_text())
+        except FileNotFoundError:
+            return {}  # released meanwhile: try again to take it
+        except (OSError, ValueError):
+            continue
+        if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and holder.get("host"):
+            return holder
+    return None
+
+
 def acquire_run_lock(output_dir: str | Path) -> Path:
     """Take ``output_dir``'s run lock (pid, host, start time) for this process, or raise naming the holder.
 
@@ -114,20 +193,24 @@ def acquire_run_lock(output_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
+            holder = _read_lock(lock)
+            if holder is None:
+                raise TrainingError(
+                    f"{lock}: the run lock of training.output_dir={out} is empty or unreadable, so it does not say "
+                    "which run holds the folder (one killed while taking it, or a full disk). If no run is using "
+                    f"{out}, delete {lock} and start again.") from None
+            if not holder:
+                continue
+            pid, host = holder["pid"], holder["host"]
             same_host = host == me["host"]
             if same_host and pid == me["pid"]:
                 lock.unlink(missing_ok=True)
                 continue
-            if same_host and isinstance(pid, int) and not _alive(pid):
+            if same_host and not _alive(pid):
                 logger.warning(f"{lock}: taking over the lock of pid {pid} (started {holder.get('started')}), which "
                                "is no longer running.")
                 lock.unlink(missing_ok=True)
@@ -136,20 +219,51 @@ def acquire_run_lock(output_dir: str | Path) -> Path:
                 f"training.output_dir={out} is in use by another run (pid {pid} on host {host}, started "
                 f"{holder.get('started')}); two runs there would overwrite each other. Wait for it to end or use "
                 f"another output_dir (if that run is gone, delete {lock}).") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except BaseException:
+            lock.unlink(missing_ok=True)  # never leave an empty lock (a full disk, an interrupt)
+            raise
         return lock
     raise TrainingError(f"{lock}: could not take the run lock; delete it if no run is using {out}.")
 
 
 def release_run_lock(output_dir: str | Path) -> None:
     """Remove ``output_dir``'s run lock if this process holds it."""
+    import socket
+
     lock = Path(output_dir) / LOCK_FILE
     try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
+        holder = json.loads(lock.read_text())
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             lock.unlink()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def releasing_run_lock(output_dir: str | Path) -> Iterator[None]:
+    """Run the block, then remove ``output_dir``'s run lock if this process took it, however the block ends:
+    returned, raised (bad data, a NaN stop, a full disk), interrupted, or stopped by SIGTERM (a launcher
+    stopping the other processes when one failed), which becomes SystemExit while the block runs."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # never replace a handler someone installed
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        release_run_lock(output_dir)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def lock_output_dir(accelerator, output_dir: str | Path) -> None:
@@ -226,15 +340,23 @@ def check_resume_config(checkpoint: Path, cfg: RunConfig) -> None:
             f"weights: model.name_or_path={checkpoint} with another training.output_dir.")
 
 
+def check_run_start(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
+    """Everything about the output folder a run can be refused for, from the files alone: a run there to
+    keep, a checkpoint to resume that is missing or damaged, or one saved with settings that may not change.
+    Returns the checkpoint to resume from, or None. Cheap: call it before data and models load."""
+    resume_from = check_output_dir(cfg.training, quiet=quiet)
+    if resume_from is not None:
+        check_resume_config(resume_from, cfg)
+    return resume_from
+
+
 def prepare_output_dir(accelerator, cfg: RunConfig) -> Path | None:
     """The start of every run: take the output folder's run lock, decide where to resume from (refusing to
     overwrite a run or to resume with changed settings), then write the run config. Returns the checkpoint
     to resume from, or None."""
     lock_output_dir(accelerator, cfg.training.output_dir)
     try:
-        resume_from = check_output_dir(cfg.training)  # before anything is written
-        if resume_from is not None:
-            check_resume_config(resume_from, cfg)
+        resume_from = check_run_start(cfg)  # before anything is written
     except TrainingError:
         if accelerator.is_main_process:
             release_run_lock(cfg.training.output_dir)
@@ -367,7 +489,11 @@ def load_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *
     else:
         if (folder / "deepspeed").is_dir():
             raise TrainingError(f"{folder}: written under DeepSpeed; resume it with the same training.deepspeed.")
-        tensors = load_file(str(folder / "model.safetensors"))
+        try:
+            tensors = load_file(str(folder / "model.safetensors"))
+        except Exception as e:  # SafetensorError: a damaged file that damaged_file() did not catch up front
+            raise TrainingError(f"{folder / 'model.safetensors'} is damaged ({type(e).__name__}: {e}); resume from "
+                                "an earlier checkpoint of that run (training.resume=<checkpoint-N>).") from None
         inner = unwrap_model(model)
         result = inner.load_state_dict(tensors, strict=False)
         expected = _trained_tensors(model, trainable_only).keys()
@@ -459,15 +585,19 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            self._rotate()
+            self._rotate(state.step)
         acc.wait_for_everyone()
         return final
 
-    def _rotate(self) -> None:
+    def _rotate(self, step: int) -> None:
+        """Keep the newest ``save_total_limit`` checkpoints up to ``step``, the one just written. Later ones
+        (left by a run resumed from an earlier checkpoint, e.g. past a damaged one) are not newer: they are
+        replaced when the run reaches their step, and never crowd out the checkpoint just written."""
         limit = self.cfg.training.save_total_limit
         if limit is None or limit < 1:
             return
-        for old in list_checkpoints(self.out)[:-limit]:
+        upto = [c for c in list_checkpoints(self.out) if int(c.name.split("-")[-1]) <= step]
+        for old in upto[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path) -> TrainState:

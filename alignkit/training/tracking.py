@@ -65,10 +65,12 @@ class Tracker:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if initial_step > 0:  # resumed: the steps after the checkpoint are logged again
-            dropped = cut_jsonl(out / "metrics.jsonl", initial_step)
-            if dropped:
-                logger.info(f"resume: dropped {dropped} metrics.jsonl record(s) logged after step {initial_step}")
+        # the steps after the checkpoint are logged again; a run from scratch (an earlier attempt that wrote no
+        # checkpoint, e.g. killed during the first one, or overwrite_output_dir) logs every step again
+        dropped = cut_jsonl(out / "metrics.jsonl", initial_step)
+        if dropped:
+            logger.info(f"dropped {dropped} metrics.jsonl record(s) of an earlier attempt logged after step "
+                        f"{initial_step}: this run logs those steps again")
         if "jsonl" in report_to:
             self.jsonl = open(out / "metrics.jsonl", "a")  # append: a resumed run continues the file
         if "tensorboard" in report_to:
