@@ -3,8 +3,9 @@
 `reasoning-gym <https://github.com/open-thought/reasoning-gym>`_ generates verifiable problems (arithmetic,
 puzzles, logic, ...) from a task name, a size and a seed; each task scores an answer with its own verifier.
 A source ``reasoning_gym:chain_sum?size=1000&seed=0&min_terms=2`` gives ``size`` prompt rows of the task
-``chain_sum``; options other than ``size``, ``seed`` and ``system`` go to the task's config (``min_terms``
-here). Each row holds:
+``chain_sum``; options other than ``size``, ``seed``, ``system`` and ``split`` go to the task's config (``min_terms``
+here; ``split=test`` in the path does what ``split: test`` does, for commands that take only a path, such
+as ``alignkit generate``). Each row holds:
 
 - ``prompt``: chat messages, the task's question as the user turn, after a system message asking for the
   answer in ``<answer>...</answer>`` tags (reasoning-gym's own ``default`` prompt; ``system=none`` leaves it
@@ -126,9 +127,9 @@ def read_reasoning_gym(src: DataSource) -> list[Row]:
         raise DataError(f"size={size!r} must be a positive integer", source=src.path, fix="e.g. size=1000.")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise DataError(f"seed={seed!r} must be an integer >= 0", source=src.path, fix="e.g. seed=0.")
-    split = src.split.lower()
+    split = str(options.pop("split", src.split)).lower()  # in the path too, for commands that take only a path
     if split not in TRAIN_SPLITS + HELD_OUT_SPLITS:
-        raise DataError(f"split={src.split!r} is not a reasoning-gym split", source=src.path,
+        raise DataError(f"split={split!r} is not a reasoning-gym split", source=src.path,
                         fix="Use split: train (the path's seed) or split: test (held out: another seed, "
                             "training questions removed).")
     config = {**options, "size": size, "seed": seed}

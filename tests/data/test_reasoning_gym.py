@@ -43,6 +43,8 @@ def test_the_held_out_split_shares_no_question_with_training(rg):
     assert questions and not set(questions) & train
     assert len(held) < 40  # some collided and were dropped
     # a seed one apart would share 39 of 40 items: why the held-out seed is far away
+    # split=test in the path (for commands that take only a path, like generate) is the same split
+    assert [r.data for r in read_source(DataSource(path=PATH + "&split=test"))] == [r.data for r in held]
     near = [r.data["prompt"][-1]["content"] for r in read_source(DataSource(path=PATH.replace("seed=3", "seed=4")))]
     train_list = [r.data["prompt"][-1]["content"] for r in read_source(DataSource(path=PATH))]
     assert near[:39] == train_list[1:]
