@@ -546,6 +546,20 @@ list because some changes go together (a smaller micro-batch with more accumulat
 applied with `alignkit.build_config` and estimated again; only those that lower the peak are listed.
 Sizes are GiB (2^30 bytes), the unit GPU names use ("A100-40GB" = 40960 MiB).
 
+**When the run does not fit**, the suggestions are combined (`plan` in the JSON, `result.plan` in Python;
+in the table, "the cheapest way to fit" and the verdict). Each round re-estimates every suggestion on the run as changed so far and
+applies the cheapest one that makes it fit, else the one that saves the most; once it fits, every change
+the fit does not need is dropped again. "Cheapest" is an order: changes that only cost speed (gradient
+checkpointing, smaller micro-batches or generation chunks, vLLM sleep mode, a higher ZeRO stage) before
+those that move memory to the CPU, and last those that change what is trained or seen (LoRA/QLoRA,
+shorter responses, truncation). For a 7B RLOO (policy and reward model `Qwen/Qwen2-7B`) on 2 x 40 GB at
+alignkit's defaults, 126 GiB per GPU, no single suggestion fits and the verdict reads `It fits with --set
+model.finetune=qlora --set model.gradient_checkpointing=true (29.8 GiB)`. When no combination fits, the
+verdict says so, gives the closest combination and its peak, and on how many GPUs of this size it would
+fit (up to 64), if any.
+
+`--device cpu` models a CPU run; without `--gpu-memory` its processes share this machine's memory.
+
 ## Where model configs come from
 
 `model.name_or_path` (and `ref_model`, `reward.model`, `teacher`) may be a local folder (its
@@ -555,7 +569,9 @@ offline this is a one-line error that points to `--model-config`). Presets, usab
 names: `smollm2-135m-instruct` / `HuggingFaceTB/SmolLM2-135M-Instruct`, `all-minilm-l6-v2`,
 `Qwen/Qwen2-7B` (hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocab 152064, untied: 7.62B),
 `Qwen/Qwen2.5-0.5B`, `huggyllama/llama-7b` (LLaMA-7B, 6.74B) and `google/gemma-2b` (2.51B).
-`--model-config` replaces the policy's config (a file, a folder or a preset).
+`--model-config` replaces the policy's config (a file, a folder or a preset). A LoRA adapter folder (what
+a `finetune: lora` run saves, e.g. a reward model that `train ppo` loads) counts as it loads: the base model
+its `adapter_config.json` names plus the adapter (and, for a reward model, the score head it saves in full).
 
 ## What is counted, per GPU
 
@@ -687,14 +703,14 @@ SEEDS_TEXT = """\
 ## The seeds: what users saw on 2 x A100-40GB
 
 Seen outcomes next to the estimator's verdicts (`gpu_memory_gb=40`, 2 GPUs). What the seeds give:
-method, fine-tuning mode, ZeRO stage, models, response length 64. What I had to assume (alignkit's
-defaults where the seeds say nothing): prompts of 256 tokens (`data.max_prompt_length=256`),
+method, fine-tuning mode, ZeRO stage, models, response length 64. What the estimates assume beyond
+that (alignkit's defaults where the seeds say nothing): prompts of 256 tokens (`data.max_prompt_length=256`),
 `per_device_batch_size` 4, no accumulation, no gradient checkpointing, `rollout_batch_size` 8 prompts per
 GPU with RLOO's default k = 4 samples (PPO: 1), the HF sampler with `zero3_gather`, PPO's critic from the
 policy checkpoint, reward models in bf16. "Qwen2-7B policy and reward model" are the `Qwen/Qwen2-7B`
 preset (the reward model as a sequence classifier); the 6.7B policy is LLaMA-7B (`huggyllama/llama-7b`,
-6.74B) and the 2B reward model Gemma-2B (`google/gemma-2b`, 2.51B). I read the PPO ZeRO-3 and QLoRA lines,
-which follow the ZeRO-2 OOM, as the same pair of models; the last column gives the estimate for the Qwen2-7B
+6.74B) and the 2B reward model Gemma-2B (`google/gemma-2b`, 2.51B). The PPO ZeRO-3 and QLoRA lines,
+which follow the ZeRO-2 OOM, are taken to use the same pair of models; the last column gives the estimate for the Qwen2-7B
 pair instead.
 """
 

@@ -380,7 +380,7 @@ def test_plan_combines_suggestions_until_the_run_fits():
     for item in plan["set"]:  # minimal: without any one of its changes it does not fit
         assert peak([x for x in plan["set"] if x != item]) > 40
     assert f"It fits with --set {' --set '.join(plan['set'])}" in est.verdict()
-    assert "combined" in est.table()
+    assert "the cheapest way to fit" in est.table()
 
 
 def test_plan_says_when_nothing_fits_and_what_comes_closest():
@@ -391,6 +391,7 @@ def test_plan_says_when_nothing_fits_and_what_comes_closest():
     assert plan["peak_gb"] > 4
     verdict = est.verdict()
     assert "No combination of the suggestions fits; the closest" in verdict and "--set " in verdict
+    assert "nothing fits; the closest combination" in est.table()
     assert est.to_json()["plan"] == plan
 
 

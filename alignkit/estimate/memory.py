@@ -420,7 +420,8 @@ class Estimate:
                 out.append(f"  {sets:<72} -{sg['saves_gb']:.2f} GiB -> {sg['peak_gb']:.2f} GiB{flag}")
         if self.plan:
             out.append("")
-            out.append("combined (each change re-estimated on top of the others, those not needed dropped):")
+            out.append("the cheapest way to fit (each change re-estimated on top of the others):" if self.plan["fits"]
+                       else "nothing fits; the closest combination (each change re-estimated on top of the others):")
             sets = " ".join(f"--set {x}" for x in self.plan["set"])
             out.append(f"  {sets} -> {self.plan['peak_gb']:.2f} GiB{'  fits' if self.plan['fits'] else ''}")
         out.append("")
