@@ -1,5 +1,6 @@
 """GSPO, CISPO, DAPO's overlong shaping and dynamic-sampling filter, sequence-level mismatch masking: values
-and gradients written out from the papers' equations with plain Python arithmetic."""
+and gradients written out from the papers' equations with plain Python arithmetic, and GSPO, CISPO and the
+overlong penalty against TRL 1.16 on identical inputs."""
 
 from __future__ import annotations
 
@@ -169,3 +170,49 @@ def test_overlong_penalty_matches_trl_soft_overlong_punishment():
     theirs = trl_rewards.get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=30)(
         completion_ids=[[0] * n for n in lengths])
     close(overlong_penalty(torch.tensor(lengths), 100, 30), theirs, tol=1e-6)
+
+
+def _trl_grpo_loss(loss_type: str, level: str, eps_low: float, eps_high: float, logp, old, adv, mask):
+    """TRL 1.16's GRPOTrainer._compute_loss on these log-probs (no model: a stand-in trainer returns them)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL (a dev dependency) is not installed")
+    accelerator = SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda x: x,
+                                  gather_for_metrics=lambda x: x, reduce=lambda x, reduction: x)
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level=level, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, beta=0.0,
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1), use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, accelerator=accelerator, _entropy_bonus_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), max_completion_length=logp.shape[1])
+    n = logp.shape[0]
+    inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
+              "completion_ids": torch.zeros_like(mask, dtype=torch.long), "completion_mask": mask,
+              "advantages": adv, "old_per_token_logps": old, "num_items_in_batch": mask.sum()}
+    return grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+@pytest.mark.parametrize("objective", ["gspo", "cispo"])
+def test_gspo_and_cispo_match_trl_on_identical_inputs(objective):
+    gen = torch.Generator().manual_seed(0)
+    old = -torch.rand(4, 6, generator=gen, dtype=torch.float64) * 3
+    logp_values = old + torch.randn(4, 6, generator=gen, dtype=torch.float64) * 0.3
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4, [1] * 5 + [0]])
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
+    theirs_logp = logp_values.clone().requires_grad_(True)
+    ours_logp = logp_values.clone().requires_grad_(True)
+    if objective == "gspo":  # TRL: loss_type="grpo" (sequence mean), importance_sampling_level="sequence"
+        theirs = _trl_grpo_loss("grpo", "sequence", 0.02, 0.03, theirs_logp, old, adv, mask)
+        ours, stats = gspo_policy_loss(ours_logp, old, adv[:, None].expand(4, 6), mask, clip_eps=0.02,
+                                       clip_eps_high=0.03)
+    else:  # TRL's epsilon_high for cispo is the absolute cap: 1 + our clip_eps_high
+        theirs = _trl_grpo_loss("cispo", "token", 0.2, 1.1, theirs_logp, old, adv, mask)
+        ours, stats = cispo_policy_loss(ours_logp, old, adv[:, None].expand(4, 6), mask, clip_eps_high=0.1)
+    assert 0 < stats["clipfrac"] < 1  # both clipped and unclipped terms are compared
+    close(ours, theirs.detach())
+    theirs.backward()
+    ours.backward()
+    close(ours_logp.grad, theirs_logp.grad)
