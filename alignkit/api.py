@@ -58,4 +58,16 @@ def train(run_config: RunConfig | str, path: str | Path | None = None, overrides
     # a run to keep there, a damaged or changed checkpoint to resume: refused before data and models load
     check_run_start(run_config, quiet=True)
     with releasing_run_lock(run_config.training.output_dir):  # on every exit, errors included
-        return runner(run_config.method)(run_config)
+        return _with_summary_file(runner(run_config.method)(run_config), run_config.method)
+
+
+def _with_summary_file(result: dict, method: str) -> dict:
+    """``result`` (with its method), written in full to ``output_dir/summary.json`` by the main process."""
+    from accelerate import PartialState
+
+    from alignkit.training.summary import write_summary
+
+    result.setdefault("method", method)
+    if PartialState().is_main_process:
+        write_summary(result)
+    return result

@@ -166,9 +166,9 @@ def _train(args, argv: list[str]) -> int:
 
     state = PartialState()
     if state.is_main_process:
-        shown = ("step", "train", "eval", "eval_before", "best_of_n", "output_dir")
-        summary = {k: v for k, v in result.items() if k in shown}
-        print(f"alignkit: done: {summary}")
+        from alignkit.training.summary import format_summary
+
+        print(format_summary(result), flush=True)  # the full result: output_dir/summary.json
     if state.num_processes > 1:
         state.wait_for_everyone()
         state.destroy_process_group()  # a clean exit; an open group can abort a worker at shutdown

@@ -37,6 +37,7 @@ from alignkit.training.checkpoint import (
     release_run_lock,
 )
 from alignkit.training.optim import build_optimizer, build_scheduler
+from alignkit.training.summary import fmt_number
 from alignkit.training.tracking import Tracker
 
 logger = logging.getLogger("alignkit")
@@ -94,6 +95,9 @@ class Run:
     state: TrainState
     max_steps: int
     grad_norm: float | None = field(default=None)  # of the last applied update, when known
+    first_logged: dict[str, float] = field(default_factory=dict)  # the summary's "from" (train metrics)
+    best_eval: dict[str, float] = field(default_factory=dict)  # the eval with the lowest eval/loss, and its step
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def output_dir(self) -> Path:
@@ -163,7 +167,18 @@ class Run:
         return every > 0 and self.state.step % every == 0 and self.state.step < self.max_steps
 
     def log(self, metrics: dict[str, float]) -> None:
+        """Log this step's train metrics (the first ones are kept for the summary's "from")."""
+        if not self.first_logged:
+            self.first_logged = {"step": self.state.step, **metrics}
         self.tracker.log(self.state.step, metrics)
+
+    def log_eval(self, metrics: dict[str, float]) -> None:
+        """Log eval metrics (the best by eval/loss is kept for the summary) and print them in one line."""
+        loss = metrics.get("eval/loss")
+        if loss is not None and (not self.best_eval or loss < self.best_eval["eval/loss"]):
+            self.best_eval = {"step": self.state.step, **metrics}
+        self.tracker.log(self.state.step, metrics)
+        self.tracker.write(f"step {self.state.step}: " + ", ".join(f"{k}={fmt_number(v)}" for k, v in metrics.items()))
 
     def save_if_due(self) -> None:
         if self.due(self.cfg.training.save_steps):
@@ -187,8 +202,14 @@ class Run:
             logger.info(f"saved the trained model to {self.output_dir}")
 
     def summary(self, **extra: Any) -> dict[str, Any]:
-        return {"step": self.state.step, "output_dir": str(self.output_dir),
-                "skipped_updates": self.state.skipped_updates, **extra}
+        """The run's result: steps, where the model is, time (from the start of training), the first logged
+        train metrics (``train_first``) and the best eval; a loop adds its last metrics (``train``, ``eval``)."""
+        out = {"method": self.cfg.method, "step": self.state.step, "output_dir": str(self.output_dir),
+               "skipped_updates": self.state.skipped_updates, "seconds": round(time.perf_counter() - self.started, 1),
+               "train_first": self.first_logged}
+        if self.best_eval:
+            out["best_eval"] = self.best_eval
+        return {**out, **extra}
 
 
 def start_training(accelerator, cfg: RunConfig, model: torch.nn.Module, tokenizer, *, resume_from: Path | None,
@@ -279,8 +300,7 @@ def fit(accelerator, model: torch.nn.Module, tokenizer, method: OfflineMethod, c
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(accelerator, model, method, eval_rows, t.per_device_batch_size)
-        run.log(metrics)
-        run.tracker.write(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        run.log_eval(metrics)
         return metrics
 
     while state.step < max_steps:
