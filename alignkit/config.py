@@ -101,6 +101,13 @@ class DataConfig:
         check_choice("data.on_bad_row", self.on_bad_row, ["error", "skip"])
         if self.max_length < 8:
             raise ConfigError(f"data.max_length={self.max_length} is too small; use at least 8 tokens.")
+        if self.eval_split < 0 or (self.eval_split >= 1 and self.eval_split != int(self.eval_split)):
+            raise ConfigError(f"data.eval_split={self.eval_split}: give a fraction below 1 (e.g. 0.05) or a whole "
+                              "number of rows (e.g. 100).")
+
+    def describe_train(self) -> str:
+        """The training sources, for messages: ``data.train (a.jsonl, b.jsonl)``."""
+        return f"data.train ({', '.join(src.path for src in self.train)})"
 
 
 @dataclass
@@ -236,13 +243,41 @@ def build_config(method: str, method_config: type, raw: dict[str, Any] | None = 
     return cfg.validate()
 
 
+class DuplicateKeyError(ValueError):
+    """A key given twice in one YAML mapping; ``line`` is 1-based."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last silently,
+    so a setting written twice in a long file takes effect once, unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges, its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise DuplicateKeyError(f"the key {key!r} is given twice in one section (first on line {seen[key]}); "
+                                        "keep one.", line)
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, method: str) -> dict[str, Any]:
     """The top-level mapping of a YAML config file, or a ConfigError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found.")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=UniqueKeyLoader) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{p} line {e.line}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(raw, dict):

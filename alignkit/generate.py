@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -164,13 +165,55 @@ def read_prompts(path: str, tokenizer, *, system: str | None = None, max_prompt_
     from alignkit.data import build_datasets, mix
 
     data = DataConfig(train=[DataSource(path=path)], max_length=max_prompt_length, system_prompt=system)
-    splits = build_datasets(data, tokenizer, "prompt")
+    with _prompt_file_advice():
+        splits = build_datasets(data, tokenizer, "prompt")
     # build_datasets shuffles its mix with data.shuffle_seed; the same draw over row numbers undoes it
     order = mix([(data.train[0], list(range(len(splits.train))))], random.Random(data.shuffle_seed))
     rows: list[dict] = [{}] * len(order)
     for row, index in zip(splits.train, order):
         rows[index] = row
     return rows
+
+
+def prompt_records(path: str, *, system: str | None = None) -> list[dict]:
+    """The prompt records of ``path`` as reward sources see their columns, without a tokenizer (so before any
+    model loads): {prompt, ...other columns}, in the order of the file."""
+    from alignkit.data import normalize_rows, read_source
+
+    with _prompt_file_advice():
+        groups = normalize_rows(read_source(DataSource(path=path)), "prompt", system_prompt=system)
+    return [row.data for group in groups for row in group]
+
+
+# the data layer's advice names settings of a training config's data section, which generate does not have
+_NO_SUCH_OPTION = [
+    (re.compile(r",? or set data\.on_bad_row=skip( to [^.;]*)?"), ""),
+    (re.compile(r";? data\.on_bad_row=skip drops such rows"), ""),
+    (re.compile(r" ?\([^()]*on_bad_row[^()]*\)"), ""),
+    (re.compile(r"set `columns: \{([^}]*)\}`(?: and `format: \w+`)? on this data source"),
+     lambda m: f"rename the fields in the prompt file ({m.group(1).replace(': ', ' -> ')})"),
+    (re.compile(r" and its `format:`/`columns:` settings"), ""),
+    (re.compile(r" with `columns:`(?: of the data source)?"), " in the prompt file"),
+]
+
+
+@contextlib.contextmanager
+def _prompt_file_advice() -> Iterator[None]:
+    """Data errors of the prompt file with advice that fits alignkit generate (no data.on_bad_row, no
+    ``columns:``: the file is read as it is)."""
+    from alignkit.data import DataError
+
+    try:
+        yield
+    except DataError as e:
+        text, fix = str(e), e.fix
+        if not fix or not text.endswith(fix):
+            raise
+        for pattern, replacement in _NO_SUCH_OPTION:
+            fix = pattern.sub(replacement, fix)
+        if any(option in fix for option in ("on_bad_row", "`columns", "`format")):
+            fix = "Fix or remove that row of the prompt file."
+        raise DataError(text[: len(text) - len(e.fix)].rstrip(". "), fix=fix) from None
 
 
 def _settings(sampling, reward) -> dict[str, Any]:
@@ -270,6 +313,8 @@ def generate(model: str, prompts: str, out: str | Path, *, sampling=None, reward
     state = PartialState()
     if state.num_processes > 1:
         raise ConfigError("alignkit generate runs in one process; start it without torchrun/accelerate launch.")
+    if reward is not None and reward.functions:  # a column a function needs: say so before the model loads
+        reward.check_columns(prompt_records(prompts, system=system), prompts)
     loaded = load_inference_model(model, dtype=dtype, device=state.device)
     logger.info("%s: %s", model, loaded.description)
     rows = read_prompts(prompts, loaded.tokenizer, system=system, max_prompt_length=max_prompt_length)

@@ -110,3 +110,27 @@ def test_nested_section_errors_name_the_full_key(raw, needle):
     with pytest.raises(ConfigError) as e:
         build_config("grpo", raw)
     assert needle in str(e.value)
+
+
+def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys silently; a config file names the line instead (as data files do).
+    Merge keys (`<<: *defaults`) may still be overridden."""
+    from alignkit.config import UniqueKeyLoader
+
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  learning_rate: 1.0e-5\n  max_steps: 3\n  learning_rate: 2.0e-5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("sft", path)
+    assert str(e.value) == (f"{path} line 4: the key 'learning_rate' is given twice in one section (first on "
+                            "line 2); keep one.")
+    merged = yaml.load("base: &base {lr: 1, steps: 3}\nrun:\n  <<: *base\n  steps: 5\n", Loader=UniqueKeyLoader)
+    assert merged["run"] == {"lr": 1, "steps": 5}
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1])
+def test_an_eval_split_that_is_neither_a_fraction_nor_a_row_count_is_refused(value):
+    """data.eval_split=1.5 held out int(1.5) = 1 row without a word."""
+    with pytest.raises(ConfigError, match=rf"data.eval_split={value}: give a fraction below 1 \(e.g. 0.05\) or a "
+                                          r"whole number of rows \(e.g. 100\)"):
+        build_config("sft", {"data": {"eval_split": value}})
+    assert build_config("sft", {"data": {"eval_split": 2}}).data.eval_split == 2

@@ -172,6 +172,46 @@ def test_alpaca_prompts_and_argument_errors(tiny_model_dir, tmp_path, capsys):
     assert generate_main([str(tiny_model_dir), "--out", str(out)]) == 2  # --prompts is required
 
 
+def test_a_reward_function_whose_column_the_prompts_lack_is_refused_before_the_model_loads(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """The docs' `--prompts alpaca-demo --reward-function my_rewards.py:accuracy` stopped at the first rollout
+    with a TypeError; now one line names the function, the column and the file, before any model loads."""
+    import alignkit.generate as generate_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the columns were checked")
+
+    monkeypatch.setattr(generate_module, "load_inference_model", no_model)
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def accuracy(prompts, completions, answer, **_):\n"
+                       "    return [float(a in c) for a, c in zip(answer, completions)]\n")
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": "add", "input": "two and three", "output": "five"}]))
+    assert generate_main(["some-model", "--prompts", str(path), "--out", str(tmp_path / "o.jsonl"),
+                          "--reward-function", f"{rewards}:accuracy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"alignkit generate: error: reward.functions: {rewards}:accuracy needs the column 'answer' (a "
+                   f"parameter of accuracy without a default), which the rows of {path} do not have (their columns "
+                   "besides the prompt: none); add the column to the data, or give the parameter a default.")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"question": "hi"}\n', "rename the fields in the prompt file (question -> prompt)."),
+    ('{"prompt": "hi"}\n{"prompt": ""}\n', "line 2, field 'prompt': empty. Fill it in or drop the row."),
+    ('{"prompt": "hi"}\n{"prompt": \n', "Fix or remove this line (each line must be one complete JSON object)."),
+    ('{"prompt": "hi"}\n{"prompt": "\xff"}\n', "if it is Latin-1."),
+])
+def test_prompt_file_errors_suggest_no_option_generate_lacks(tiny_model_dir, tmp_path, capsys, content, expected):
+    """The data layer's advice names data.on_bad_row and `columns:`, settings of training configs; generate
+    reads the file as it is."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content.encode("latin-1") if "\xff" in content else content.encode())
+    assert generate_main([str(tiny_model_dir), "--prompts", str(path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"alignkit generate: error: {path}"), errors
+    assert errors[0].endswith(expected) and "on_bad_row" not in errors[0] and "columns:" not in errors[0], errors
+
+
 # -- load_inference_model --------------------------------------------------------------------------
 
 

@@ -411,6 +411,7 @@ def run(cfg: RunConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
         splits = build_datasets(cfg.data, tokenizer, "prompt")
+    args.reward.check_columns(splits.train, cfg.data.describe_train(), section=f"{method}.reward")
     resume_from = prepare_output_dir(accelerator, cfg)
 
     # models: the policy (full / LoRA / QLoRA), PPO's critic, the reference, the reward sources

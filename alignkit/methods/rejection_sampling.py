@@ -168,6 +168,7 @@ def run(cfg: RunConfig) -> dict:
     prompt_data = dataclasses.replace(cfg.data, eval=[], eval_split=0.0)
     with accelerator.main_process_first():
         prompts = build_datasets(prompt_data, tokenizer, "prompt").train
+    args.reward.check_columns(prompts, cfg.data.describe_train(), section=f"{cfg.method}.reward")
     policy = prepare_frozen(accelerator, load_model(cfg.model, tokenizer, trainable=False))
     reward = build_reward(args.reward, tokenizer, accelerator.device, dtype=cfg.model.dtype,
                           section=f"{cfg.method}.reward", prepare_model=lambda m: prepare_frozen(accelerator, m))

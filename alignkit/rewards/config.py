@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,23 @@ class RewardSourcesConfig:
                               f"positive number ({-self.missing_eos_penalty}); it is subtracted.")
         if self.model_batch_size < 1 or self.url_retries < 0 or self.url_timeout <= 0:
             raise ConfigError(f"{section}: model_batch_size must be >= 1, url_retries >= 0 and url_timeout > 0.")
+
+    def check_columns(self, rows: Sequence[Mapping], where: str, section: str = "reward") -> None:
+        """Raise ConfigError when a reward function needs a column (a parameter without default) that rows of
+        the data ``where`` lack, before any model loads; the function would stop at the first rollout."""
+        for spec in self.functions:
+            fn = FunctionReward(spec)
+            for column in fn.required:
+                lacking = sum(column not in row for row in rows)
+                if not lacking:
+                    continue
+                columns = sorted({k for row in rows for k in row} - {"prompt", "prompt_ids"})
+                which = (f"which the rows of {where} do not have (their columns besides the prompt: "
+                         f"{', '.join(columns) or 'none'})" if lacking == len(rows)
+                         else f"which {lacking} of the {len(rows)} rows of {where} lack")
+                raise ConfigError(f"{section}.functions: {spec} needs the column {column!r} (a parameter of "
+                                  f"{fn.name} without a default), {which}; add the column to the data, or give the "
+                                  "parameter a default.")
 
 
 def build_reward(cfg: RewardSourcesConfig, policy_tokenizer, device: torch.device | str | None = None, *,

@@ -49,6 +49,15 @@ def load_function(spec: str) -> Callable:
     return fn
 
 
+def required_columns(fn: Callable) -> list[str]:
+    """The dataset columns ``fn(prompts, completions, ...)`` cannot be called without: its parameters after the
+    first two that have no default (a function reaches ``row_fields`` only through them or ``**kwargs``)."""
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = [p for p in params if p not in positional[:2]]
+    return [p.name for p in rest if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 class FunctionReward:
     """``fn(prompts: list[str], completions: list[str], **row_fields) -> list[float]``, batched.
 
@@ -65,6 +74,7 @@ class FunctionReward:
         params = inspect.signature(self.fn).parameters.values()
         self._takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
         self._named = {p.name for p in params}
+        self.required = required_columns(self.fn)
 
     def __call__(self, inputs: RewardInputs) -> torch.Tensor:
         fields = inputs.row_fields if self._takes_all else {

@@ -223,6 +223,30 @@ def test_function_reward_errors_name_the_function(tok, reward_module):
         FunctionReward("nowhere/rewards.py:length")
 
 
+def test_the_columns_a_reward_function_needs_are_checked_against_the_data(reward_module):
+    """A function whose column the data lacks is refused up front in one line (not a TypeError at the first
+    rollout); keyword-only and defaulted parameters, **kwargs and the first two arguments are handled."""
+    from alignkit.rewards import RewardSourcesConfig
+    from alignkit.rewards.functions import required_columns
+
+    def fn(prompts, completions, *, level, hint=None, **rest):
+        return []
+
+    assert required_columns(fn) == ["level"]
+    assert required_columns(lambda p, c, answer, weight=1.0, **kw: []) == ["answer"]
+    cfg = RewardSourcesConfig(functions=["my_reward_fns:length", "my_reward_fns:exact"])
+    cfg.check_columns([{"prompt": "a", "answer": "x"}, {"prompt": "b", "answer": "y"}], "d.jsonl")
+    with pytest.raises(ConfigError) as e:
+        cfg.check_columns([{"prompt": "a", "question": "x", "prompt_ids": [1]}], "data.train (d.jsonl)",
+                          section="grpo.reward")
+    assert str(e.value) == (
+        "grpo.reward.functions: my_reward_fns:exact needs the column 'answer' (a parameter of exact without a "
+        "default), which the rows of data.train (d.jsonl) do not have (their columns besides the prompt: "
+        "question); add the column to the data, or give the parameter a default.")
+    with pytest.raises(ConfigError, match=r"which 1 of the 2 rows of d.jsonl lack"):
+        cfg.check_columns([{"prompt": "a", "answer": "x"}, {"prompt": "b"}], "d.jsonl")
+
+
 def test_builtin_example_rewards():
     assert target_token_share([""] * 3, ["good good bad", "Good!", ""]) == [2 / 3, 1.0, 0.0]
     assert target_token_share([""], ["a cat"], target="cat") == [0.5]
@@ -404,3 +428,26 @@ def test_prompts_are_decoded_when_no_rows_are_given(tok):
     assert inputs.prompts[0] == f"user\n{PROMPTS[0]}\nassistant\n"
     with pytest.raises(ValueError, match="2 rows for a rollout of 3 prompts"):
         RewardInputs.from_rollout(make_rollout(tok), rows()[:2])
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo", "rejection_sampling"])
+def test_training_refuses_a_reward_function_whose_column_the_data_lacks_before_models_load(
+        tmp_path, tiny_model_dir, reward_module, monkeypatch, method):
+    import importlib
+
+    import alignkit
+
+    module = importlib.import_module(f"alignkit.methods.{'online_rl' if method in ('grpo', 'ppo') else method}")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the reward columns were checked")
+
+    monkeypatch.setattr(module, "load_model", no_model)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {i}", "question": "q"}) + "\n" for i in range(8)))
+    with pytest.raises(ConfigError, match=rf"^{method}\.reward\.functions: my_reward_fns:exact needs the column "
+                                          r"'answer' .* which the rows of data\.train \(.*prompts\.jsonl\) do not "
+                                          r"have \(their columns besides the prompt: question\)"):
+        alignkit.train(method, model={"name_or_path": str(tiny_model_dir)}, data={"train": [str(data)]},
+                       training={"output_dir": str(tmp_path / "out"), "report_to": []},
+                       **{method: {"reward": {"functions": ["my_reward_fns:exact"]}}})
