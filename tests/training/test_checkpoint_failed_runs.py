@@ -237,3 +237,30 @@ def test_an_online_run_killed_during_its_first_checkpoint_starts_over_with_fresh
     assert grpo(resume="latest")["step"] == 2
     assert _steps(out) == [1, 2]  # not 1, 2, 1, 2
     assert [json.loads(x)["step"] for x in samples.read_text().splitlines()] == [1] * 3 + [2] * 3
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("distributed")
+def test_two_processes_that_fail_before_training_leave_the_folder_free(tmp_path, tiny_model_dir, sft_file):
+    """Through the launcher (--num-processes 2): each process stops on the error, the lock goes with rank 0."""
+    import yaml
+
+    out = tmp_path / "run"
+    cfg = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+           "data": {"train": [str(sft_file)], "max_length": 64},
+           "training": {"output_dir": str(out), "max_steps": 2, "per_device_batch_size": 16, "report_to": ["jsonl"],
+                        "mixed_precision": "no", "save_steps": 0}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "alignkit.cli", "train", "sft", str(tmp_path / "cfg.yaml"),
+                               "--num-processes", "2", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    failed = train()  # 16 rows < 16 per process x 2 processes
+    assert failed.returncode == 2 and "less than one global batch" in failed.stderr, failed.stderr[-3000:]
+    assert not (out / LOCK_FILE).exists()
+    fixed = train("--set", "training.per_device_batch_size=4")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "already holds a run" not in fixed.stderr and (out / "config.json").is_file()
