@@ -384,13 +384,22 @@ def test_plan_combines_suggestions_until_the_run_fits():
 
 
 def test_plan_says_when_nothing_fits_and_what_comes_closest():
-    est = estimate(_rloo_7b(), 2, 4)
+    cfg = _rloo_7b()
+    est = estimate(cfg, 2, 8)
     plan = est.plan
     assert not plan["fits"] and plan["set"]
     assert plan["peak_gb"] < min(s["peak_gb"] for s in est.suggestions)  # closer than any single change
-    assert plan["peak_gb"] > 4
+    assert plan["peak_gb"] > 8
     verdict = est.verdict()
     assert "No combination of the suggestions fits; the closest" in verdict and "--set " in verdict
+    # the fewest GPUs of this size the closest combination fits on
+    raw = cfg.to_dict()
+    raw.pop("method")
+    closest = alignkit.build_config("rloo", raw, plan["set"])
+    n = plan["gpus_needed"]
+    assert n > 2 and estimate(closest, n, 8, suggest=False).fits
+    assert not estimate(closest, n // 2, 8, suggest=False).fits
+    assert f"it fits on {n} GPUs of 8.00 GiB" in verdict
     assert "nothing fits; the closest combination" in est.table()
     assert est.to_json()["plan"] == plan
 
@@ -421,6 +430,6 @@ def test_cpu_device_needs_no_gpu_memory(tiny_model_dir, capsys):
     assert estimate_main(["sft", "--set", f"model.name_or_path={tiny_model_dir}", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    assert f"1 CPU process(es) x {ram:.1f} GiB" in text and "fits:" in text
+    assert f"1 CPU process(es) x {ram:.1f} GiB" in text and "fits:" in text and "per process" in text
     cfg = cfg_of("sft", tiny_model_dir)
     assert estimate(cfg, 2, device="cpu", suggest=False).gpu_memory_gb == pytest.approx(ram / 2)

@@ -149,8 +149,8 @@ def fitting_plan(cfg: RunConfig, base: Estimate, *, model_config: str | None = N
     that makes it fit (the order of :data:`_NOTES`: changes that only cost speed before those that change what
     is trained), else the one that saves the most; once it fits, every change the fit does not need is
     dropped again, the costliest first. Returns ``{"set": [--set items], "peak_gb", "fits", "gpus_needed"}``
-    (``gpus_needed``: when nothing fits, the fewest GPUs of this size the closest combination fits on, if up
-    to 64 do), or None when no change lowers the peak.
+    (``gpus_needed``: when nothing fits on GPUs, the fewest GPUs of this size the closest combination fits on,
+    if up to 64 do), or None when no change lowers the peak.
     """
     current, est, applied = cfg, base, []
     while len(applied) < max_changes and not est.fits:
@@ -174,7 +174,7 @@ def fitting_plan(cfg: RunConfig, base: Estimate, *, model_config: str | None = N
             if new.fits:
                 applied, est = rest, new
     plan = {"set": _flat(applied), "peak_gb": round(est.per_gpu_peak_gb, 3), "fits": est.fits, "gpus_needed": None}
-    if not est.fits:
+    if not est.fits and base.device == "cuda":
         changed = _changed(cfg, plan["set"])
         for gpus in (2, 4, 8, 16, 32, 64):
             if gpus > base.gpus and estimate_memory(changed, gpus, base.gpu_memory_gb, device=base.device,

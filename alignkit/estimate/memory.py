@@ -354,7 +354,8 @@ class Estimate:
 
     def verdict(self) -> str:
         peak, mem = self.per_gpu_peak_gb, self.gpu_memory_gb
-        where = f"{_gib(peak)} per GPU ({self.peak_phase}) of {_gib(mem)}"
+        each = "per GPU" if self.device == "cuda" else "per process"
+        where = f"{_gib(peak)} {each} ({self.peak_phase}) of {_gib(mem)}"
         if self.fits:
             return f"fits: {where}, {_gib(mem - peak)} to spare."
         line = f"does not fit: {where}, {_gib(peak - mem)} over."
@@ -368,10 +369,10 @@ class Estimate:
         if plan["fits"]:
             return line + f" It fits with {sets} ({_gib(plan['peak_gb'])})."
         line += (f" No combination of the suggestions fits; the closest, {sets}, needs {_gib(plan['peak_gb'])} "
-                 f"per GPU ({_gib(plan['peak_gb'] - mem)} over)")
+                 f"{each} ({_gib(plan['peak_gb'] - mem)} over)")
         if plan.get("gpus_needed"):
             return line + f"; with it, it fits on {plan['gpus_needed']} GPUs of {_gib(mem)}."
-        return line + "; use GPUs with more memory."
+        return line + ("; use GPUs with more memory." if self.device == "cuda" else ".")
 
     def to_json(self) -> dict[str, Any]:
         return {
