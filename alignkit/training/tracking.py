@@ -75,9 +75,9 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # purge_step: TensorBoard hides the events a crashed run logged after the checkpoint
-                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"),
-                                        purge_step=initial_step + 1 if initial_step > 0 else None)
+                # purge_step: TensorBoard hides the events an earlier attempt logged after the checkpoint (after
+                # step 0 for a run from scratch)
+                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=initial_step + 1)
             except ImportError:
                 logger.warning("tensorboard is not installed; `pip install tensorboard` to log there.")
         if "wandb" in report_to:

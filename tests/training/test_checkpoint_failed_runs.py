@@ -160,13 +160,19 @@ def test_a_run_killed_during_its_first_checkpoint_starts_over_with_a_fresh_metri
 
     monkeypatch.setattr(checkpoint, "save_trainer_state", killed_while_writing)
     out = tmp_path / "run"
+    logs = {"logging_steps": 1, "report_to": ["jsonl", "tensorboard"]}
     with pytest.raises(Killed):
-        _train(tiny_model_dir, sft_file, out, max_steps=4, save_steps=2, logging_steps=1)
+        _train(tiny_model_dir, sft_file, out, max_steps=4, save_steps=2, **logs)
     assert _steps(out) == [1, 2] and (out / ".tmp-checkpoint-2").is_dir() and not list_checkpoints(out)
     monkeypatch.setattr(checkpoint, "save_trainer_state", real)
     with caplog.at_level("INFO", logger="alignkit"):
-        res = _train(tiny_model_dir, sft_file, out, max_steps=4, save_steps=2, logging_steps=1, resume="latest")
+        res = _train(tiny_model_dir, sft_file, out, max_steps=4, save_steps=2, resume="latest", **logs)
     assert res["step"] == 4 and _steps(out) == [1, 2, 3, 4]  # each step once, not 1, 2, 1, 2, 3, 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]  # TensorBoard hides the first attempt's too
     assert "no complete checkpoint; starting from scratch" in caplog.text
     assert "dropped 2 metrics.jsonl record(s) of an earlier attempt" in caplog.text
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
