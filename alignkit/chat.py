@@ -151,6 +151,7 @@ class Terminal:
 
     def __init__(self, interactive: bool, out: TextIO, err: TextIO):
         self.interactive, self.out, self.err = interactive, out, err
+        self.lines_read = 0
         self.color = interactive and out.isatty() and not os.environ.get("NO_COLOR")
 
     def paint(self, text: str, code: str) -> str:
@@ -166,10 +167,18 @@ class Terminal:
         self.err.flush()
 
     def read(self, stdin: TextIO) -> str | None:
-        """The next message or command; None at the end of input (Ctrl-D)."""
+        """The next message or command; None at the end of input (Ctrl-D). A piped line that is not UTF-8 text
+        is skipped with a notice (the lines after it are answered)."""
         if not self.interactive:
-            line = stdin.readline()
-            return None if not line else line.rstrip("\r\n")
+            while True:
+                line = _read_line(stdin)
+                self.lines_read += 1
+                if line is None:
+                    return None
+                if isinstance(line, str):
+                    return line.rstrip("\r\n")
+                self.notice(f"(skipped input line {self.lines_read}: not UTF-8 text, {line.reason} at byte "
+                            f"{line.start + 1})")
         while True:
             try:
                 return input(">>> ")
@@ -179,6 +188,21 @@ class Terminal:
             except KeyboardInterrupt:
                 self.write("\n")
                 self.notice("(/exit or Ctrl-D quits)")
+
+
+def _read_line(stdin: TextIO) -> str | UnicodeDecodeError | None:
+    """The next line of piped input (None at its end), decoded as UTF-8 from the bytes underneath when there
+    are bytes: a bad byte fails that line only, not the text layer's decoder for the rest of the input."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:
+        return stdin.readline() or None
+    data = raw.readline()
+    if not data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e
 
 
 def chat_loop(sessions: list[ChatSession], terminal: Terminal, stdin: TextIO) -> int:

@@ -348,3 +348,17 @@ def test_chat_with_a_gguf_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     assert chat_main([str(path), "--greedy", "--max-new-tokens", str(NEW_TOKENS)]) == 0
     assert capsys.readouterr().out == expected_answer(tmp_path / "hf", [user("hello")]) + "\n"
+
+
+def test_a_piped_line_that_is_not_utf8_is_skipped_and_the_next_is_answered(tiny_model_dir):
+    """A bad byte raised UnicodeDecodeError out of the chat (a traceback; the lines after it unanswered)."""
+    script = b"hello\nbad \xff\xfe line\nwhat is the cat\n"
+    run = subprocess.run([sys.executable, "-m", "alignkit.chat", str(tiny_model_dir), "--greedy",
+                          "--max-new-tokens", str(NEW_TOKENS)], input=script, capture_output=True,
+                         cwd=REPO, env=_env(), timeout=300)
+    stdout, stderr = run.stdout.decode(), run.stderr.decode()
+    assert run.returncode == 0 and "Traceback" not in stderr, stderr
+    first = expected_answer(tiny_model_dir, [user("hello")])
+    second = expected_answer(tiny_model_dir, [user("hello"), assistant(first), user("what is the cat")])
+    assert stdout == f"{first}\n{second}\n"
+    assert "(skipped input line 2: not UTF-8 text, invalid start byte at byte 5)" in stderr
