@@ -31,10 +31,10 @@ from alignkit.pipeline.spec import (
     Stage,
     check_local_paths,
     check_step_args,
+    did_you_mean,
     load_pipeline,
     python_config,
     step_function,
-    suggest,
     training_config,
     used_stages,
 )
@@ -45,33 +45,6 @@ SUMMARY_FILE = "pipeline_summary.json"
 # shown in the summary table when a stage has them; every scalar metric is in pipeline_summary.json
 KEY_METRICS = ("loss", "eval/loss", "rewards/accuracies", "eval/rewards/accuracies", "mae", "eval/mae",
                "reward", "kl", "best_of_n/mean_best_score", "best_of_n/kept_rows")
-
-
-def _run_control(decision: Decision) -> dict[str, Any]:
-    """The training keys the pipeline sets: resume an interrupted stage, otherwise start it over."""
-    return {"resume": "latest"} if decision.action == "resume" else {"overwrite_output_dir": True}
-
-
-def _takes_output_dir(fn: Callable) -> bool:
-    params = inspect.signature(fn).parameters.values()
-    return any(q.name == "output_dir" or q.kind is q.VAR_KEYWORD for q in params)
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """A step's result as JSON data (paths become strings, tuples lists, 0-d tensors and NumPy scalars
-    numbers)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    raise TrainingError(f"{where} is a {type(value).__name__}; a Python stage returns JSON data: numbers, "
-                        "strings, paths, lists and dicts.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +107,11 @@ class Decision:
     remove: bool = False  # empty the stage's folder first (a rerun of what this pipeline wrote)
 
 
+def _run_control(decision: Decision) -> dict[str, Any]:
+    """The training keys the pipeline sets: resume an interrupted stage, otherwise start it over."""
+    return {"resume": "latest"} if decision.action == "resume" else {"overwrite_output_dir": True}
+
+
 def _has_files(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
@@ -176,7 +154,7 @@ def _selection(p: Pipeline, start_from: str | None, only: str | None) -> dict[st
     leave out."""
     for flag, name in (("--from", start_from), ("--only", only)):
         if name is not None and p.stage(name) is None:
-            raise ConfigError(f"{flag} {name}: no such stage{suggest(name, p.names)}; stages: "
+            raise ConfigError(f"{flag} {name}: no such stage{did_you_mean(name, p.names)}; stages: "
                               f"{', '.join(p.names)}.")
     if start_from and only:
         raise ConfigError("give --from or --only, not both.")
@@ -340,6 +318,28 @@ def _training_metrics(result: dict[str, Any]) -> dict[str, float]:
     out.update(numbers(result.get("best_of_n") or {}, "best_of_n/"))
     out.update(numbers({k: v for k, v in result.items() if k != "step"}))
     return out
+
+
+def _takes_output_dir(fn: Callable) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(q.name == "output_dir" or q.kind is q.VAR_KEYWORD for q in params)
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """A step's result as JSON data (paths become strings, tuples lists, 0-d tensors and NumPy scalars
+    numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    raise TrainingError(f"{where} is a {type(value).__name__}; a Python stage returns JSON data: numbers, "
+                        "strings, paths, lists and dicts.")
 
 
 def _with_stage(e: AlignkitError, stage: Stage) -> AlignkitError:

@@ -69,7 +69,8 @@ class Pipeline:
         return [s.name for s in self.stages]
 
 
-def suggest(word: str, choices: list[str]) -> str:
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -110,7 +111,7 @@ def _apply_set(raw: dict[str, Any], item: str, path: Path) -> None:
         stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
         names = [s.get("name") for s in stages if isinstance(s, dict)]
         if parts[0] not in names:
-            raise ConfigError(f"--set {item!r}: {path} has no stage {parts[0]!r}{suggest(parts[0], names)}; "
+            raise ConfigError(f"--set {item!r}: {path} has no stage {parts[0]!r}{did_you_mean(parts[0], names)}; "
                               f"stages: {', '.join(map(str, names))} (or defaults.*, output_dir).")
         node = stages[names.index(parts[0])]
     if len(parts) < 2:
@@ -151,7 +152,7 @@ def _parse_stage(item: Any, index: int, defaults: dict[str, Any], output_dir: Pa
         unknown = [k for k in item if k not in _PYTHON_KEYS]
         if unknown:
             raise ConfigError(f"{where}: unknown key "
-                              f"{unknown[0]!r}{suggest(unknown[0], list(_PYTHON_KEYS))} in a Python stage; "
+                              f"{unknown[0]!r}{did_you_mean(unknown[0], list(_PYTHON_KEYS))} in a Python stage; "
                               f"its keys: {', '.join(_PYTHON_KEYS)}.")
         spec, args, outputs = item["run"], item.get("args") or {}, item.get("outputs") or []
         if not isinstance(spec, str) or ":" not in spec:
@@ -179,7 +180,7 @@ def _parse_stage(item: Any, index: int, defaults: dict[str, Any], output_dir: Pa
         if key in ("name", "method"):
             continue
         if key not in sections:
-            raise ConfigError(f"{where}: unknown key {key!r}{suggest(key, list(sections))}; a {method} "
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, list(sections))}; a {method} "
                               f"stage has name, method and the sections {', '.join(sections)}.")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}.")
@@ -204,7 +205,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, *, num_p
         _apply_set(raw, item, path)
     unknown = [k for k in raw if k not in _TOP_KEYS]
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}{suggest(unknown[0], list(_TOP_KEYS))}; the "
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], list(_TOP_KEYS))}; the "
                           f"top level has {', '.join(_TOP_KEYS)}.")
     output_dir = Path(str(raw.get("output_dir") or Path("outputs") / path.stem))
     defaults = raw.get("defaults") or {}
@@ -213,7 +214,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, *, num_p
     for key, value in defaults.items():
         if key not in _SHARED_SECTIONS:
             raise ConfigError(f"{path}: defaults.{key}: defaults hold only the shared sections "
-                              f"{', '.join(_SHARED_SECTIONS)}{suggest(key, list(_SHARED_SECTIONS))}; put "
+                              f"{', '.join(_SHARED_SECTIONS)}{did_you_mean(key, list(_SHARED_SECTIONS))}; put "
                               "method sections in the stages.")
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: defaults.{key} must be a mapping, got {value!r}.")
@@ -289,7 +290,7 @@ def _check_reference(p: Pipeline, stage: Stage, where: str, ref: str) -> None:
     source = p.stage(parts[0])
     if source is None:
         raise ConfigError(f"stage {stage.name}: {where}: {text} refers to no stage {parts[0]!r}"
-                          f"{suggest(parts[0], p.names)}; stages: {', '.join(p.names)}.")
+                          f"{did_you_mean(parts[0], p.names)}; stages: {', '.join(p.names)}.")
     if source.index >= stage.index:
         order = "is this stage itself" if source is stage else f"runs after {stage.name}"
         raise ConfigError(f"stage {stage.name}: {where}: {text} refers to stage {source.name}, which "
@@ -301,7 +302,7 @@ def _check_reference(p: Pipeline, stage: Stage, where: str, ref: str) -> None:
         declare = (" (declare the keys its function returns in its outputs: list)" if source.run else
                    " (a training stage's field is its output folder)")
         raise ConfigError(f"stage {stage.name}: {where}: {text}: stage {source.name} has no field "
-                          f"{parts[1]!r}{suggest(parts[1], _fields(source))}; its fields: "
+                          f"{parts[1]!r}{did_you_mean(parts[1], _fields(source))}; its fields: "
                           f"{', '.join(_fields(source))}{declare}.")
 
 
@@ -353,6 +354,8 @@ def _resolve(p: Pipeline, stage: Stage, value: Any, where: str, outputs: dict[st
 
 
 def training_config(p: Pipeline, stage: Stage, outputs: dict[str, dict], **run_control: Any) -> RunConfig:
+    """A training stage's validated RunConfig: its references resolved (``outputs``: the Python stages' results
+    so far), its folder and the pipeline-wide training keys set."""
     raw = _resolve(p, stage, stage.body, "", outputs)
     training = raw.setdefault("training", {})
     training.update(output_dir=str(stage.output_dir), **p.training_overrides, **run_control)
@@ -387,6 +390,7 @@ def check_local_paths(p: Pipeline, stage: Stage, cfg: RunConfig) -> None:
 
 
 def step_function(stage: Stage) -> Callable:
+    """The function a Python stage's ``run:`` names, imported."""
     from alignkit.rewards.functions import load_function
 
     try:
@@ -407,7 +411,7 @@ def check_step_args(stage: Stage, fn: Callable, args: dict[str, Any]) -> None:
     for key in args:
         if key not in names and not open_kwargs:
             raise ConfigError(f"stage {stage.name}: args.{key} is not a parameter of {stage.run}"
-                              f"{suggest(key, names)}; its parameters: {', '.join(names)}.")
+                              f"{did_you_mean(key, names)}; its parameters: {', '.join(names)}.")
     missing = [n for n, q in params.items() if q.default is q.empty and n != "output_dir"
                and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY) and n not in args]
     if missing:
@@ -415,5 +419,6 @@ def check_step_args(stage: Stage, fn: Callable, args: dict[str, Any]) -> None:
 
 
 def python_config(p: Pipeline, stage: Stage, outputs: dict[str, dict]) -> dict[str, Any]:
+    """A Python stage's resolved config: ``run``, ``args`` (references resolved) and ``outputs``."""
     return {"run": stage.run, "args": _resolve(p, stage, stage.body["args"], "args", outputs),
             "outputs": stage.outputs}
