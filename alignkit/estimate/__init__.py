@@ -20,14 +20,14 @@ scoring, training forward/backward, optimizer step) it adds up, per GPU:
 
 The peak is the largest phase plus an allowance for the CUDA context and the caching allocator
 (:data:`CONTEXT_GIB`, :data:`FRAGMENTATION`). Suggestions are config changes (``--set`` overrides), each
-scored by running the estimate again with it. All sizes are GiB (2**30 bytes), the unit GPU names use
+scored by running the estimate again with it; when the run does not fit, they are combined until it does
+(or the closest combination is named). All sizes are GiB (2**30 bytes), the unit GPU names use
 ("40GB" = 40960 MiB). docs/estimate.md holds the formulas and the measured accuracy.
 
 The package: :mod:`~alignkit.estimate.architecture` reads model configs without weights,
 :mod:`~alignkit.estimate.memory` is the memory model (phases of a step, bytes per GPU) and
-:mod:`~alignkit.estimate.command` adds the suggestions and the command line.
+:mod:`~alignkit.estimate.command` adds the suggestions, their combination and the command line.
 """
-
 
 from alignkit.estimate.architecture import (
     PRESETS,
@@ -42,6 +42,7 @@ from alignkit.estimate.command import (
     candidate_changes,
     estimate,
     estimate_main,
+    fitting_plan,
     parse_gib,
     suggestions,
 )
@@ -62,6 +63,6 @@ from alignkit.estimate.memory import (
 __all__ = [
     "CONTEXT_GIB", "FRAGMENTATION", "GIB", "NF4_BYTES_PER_PARAM", "PRESETS", "Arch", "Estimate", "EstimateError",
     "Setup", "activation_bytes", "arch_of", "build_parser", "candidate_changes", "estimate", "estimate_main",
-    "estimate_memory", "kv_cache_bytes", "layer_activation_bytes", "lora_parameters", "parse_gib",
+    "estimate_memory", "fitting_plan", "kv_cache_bytes", "layer_activation_bytes", "lora_parameters", "parse_gib",
     "read_model_config", "setup_of", "suggestions",
 ]
