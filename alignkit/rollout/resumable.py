@@ -52,20 +52,20 @@ def _as_json(value: Any) -> Any:
 def _read_jsonl(path: Path) -> tuple[list[dict], bool]:
     """(records of the complete lines, whether the file held anything else: a partial last line).
 
-    Only the last line can be partial (a crash during an append); a bad line before it is corruption.
+    Only the last line can be partial (a crash during an append, which can cut a UTF-8 character in two: lines
+    are decoded one by one); a bad line before it is corruption.
     """
     if not path.exists():
         return [], False
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    tail = lines.pop()  # "" when the file ends with a newline, else a partial line
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else a partial line
     records = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if i == len(lines) and not tail:  # the last line of the file, cut right before its newline
                 return records, True
             raise TrainingError(f"{path} line {i} is not valid JSON ({e}); the file was edited or damaged. Fix or "
