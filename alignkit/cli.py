@@ -147,12 +147,16 @@ def _run(args, argv: list[str]) -> int:
 
 def _train(args, argv: list[str]) -> int:
     from alignkit.api import load_config, train
+    from alignkit.config import ConfigError
     from alignkit.launch import inside_launcher, relaunch
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"training.output_dir={args.output_dir}")
-    if args.num_processes:
+    if args.num_processes is not None:  # 0 too: refused, not ignored
+        if args.num_processes < 1:
+            raise ConfigError(f"--num-processes {args.num_processes}: must be at least 1 (the processes to start on "
+                              "this machine).")
         overrides.append(f"training.num_processes={args.num_processes}")
     if args.deepspeed:
         overrides.append(f"training.deepspeed={args.deepspeed}")

@@ -180,6 +180,10 @@ class TrainingConfig:
                 raise ConfigError(f"training.{name}={getattr(self, name)!r}: must be {rule}.")
         if self.resume not in (None, "latest") and not Path(self.resume).exists():
             raise ConfigError(f"training.resume={self.resume!r}: no such checkpoint; use 'latest' or a checkpoint folder.")
+        blocking = file_in_the_way(self.output_dir)
+        if blocking is not None:
+            raise ConfigError(f"training.output_dir={self.output_dir!r}: {blocking} is a file, not a folder; choose "
+                              "another output_dir.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +292,16 @@ def read_yaml(path: str | Path, method: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Helpers: typed conversion, overrides, suggestions, docs
 # --------------------------------------------------------------------------------------------------
+
+
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The existing file that keeps ``folder`` from being a folder (``folder`` itself or one of its parents), or
+    None when the folder exists or can be created."""
+    path = Path(folder).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def check_choice(name: str, value: Any, choices: Any) -> None:

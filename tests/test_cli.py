@@ -38,6 +38,7 @@ def test_help_lists_every_method_with_a_line(tmp_path):
     (["train", "sft", "--set", "training.save_steps=-1"], "training.save_steps=-1: must be >= 0"),
     (["train", "sft", "missing.yaml"], "config file 'missing.yaml' not found"),
     (["config", "grpoo"], "did you mean 'grpo'?"),
+    (["train", "sft", "--num-processes", "0"], "--num-processes 0: must be at least 1"),  # was ignored: 1 process
 ])
 def test_expected_errors_are_one_line_with_exit_code_2(tmp_path, args, needle):
     proc = _cli(*args, cwd=tmp_path)

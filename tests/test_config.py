@@ -134,3 +134,15 @@ def test_an_eval_split_that_is_neither_a_fraction_nor_a_row_count_is_refused(val
                                           r"whole number of rows \(e.g. 100\)"):
         build_config("sft", {"data": {"eval_split": value}})
     assert build_config("sft", {"data": {"eval_split": 2}}).data.eval_split == 2
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_run(tmp_path):
+    """A file at training.output_dir (or above it) ended in a FileExistsError / NotADirectoryError traceback."""
+    taken = tmp_path / "notes.txt"
+    taken.write_text("x")
+    for output_dir in (taken, taken / "run"):
+        with pytest.raises(ConfigError) as e:
+            build_config("sft", {"training": {"output_dir": str(output_dir)}})
+        assert str(e.value) == (f"training.output_dir={str(output_dir)!r}: {taken} is a file, not a folder; choose "
+                                "another output_dir.")
+    assert build_config("sft", {"training": {"output_dir": str(tmp_path / "new" / "run")}})
