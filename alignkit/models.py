@@ -40,6 +40,18 @@ _DTYPES = {
 _SEQ_CLS_HEADS = ("score", "classifier")
 
 
+class _NoCpuAcceleratorNote(logging.Filter):
+    """DeepSpeed logs "Setting accelerator to CPU. If you have GPU ..." whenever it is imported on a machine
+    without a GPU, and accelerate imports it on every save_pretrained: no news on CPU, and it lands inside
+    the final progress bar."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU") or torch.cuda.is_available()
+
+
+logging.getLogger("DeepSpeed").addFilter(_NoCpuAcceleratorNote())
+
+
 class ModelLoadError(AlignkitError, OSError):
     """A model, tokenizer or adapter cannot be found or loaded; the message says where alignkit looked."""
 
@@ -365,6 +377,46 @@ def _apply_lora(model: Any, cfg: ModelConfig, task: str) -> Any:
                           f"model: {', '.join(names)} (or use 'all-linear').") from e
 
 
+@contextlib.contextmanager
+def _load_report_held() -> Iterator[list[logging.LogRecord]]:
+    """Hold back the LOAD REPORT table that from_pretrained logs (weights missing from or unexpected in the
+    checkpoint) until :func:`_report_unexpected_loading` has seen whether it says anything unexpected."""
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "LOAD REPORT" in str(record.msg):
+                held.append(record)
+                return False
+            return True
+
+    hold, transformers_logger = Hold(), logging.getLogger("transformers.modeling_utils")
+    transformers_logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        transformers_logger.removeFilter(hold)
+
+
+def _report_unexpected_loading(info: dict[str, Any], held: list[logging.LogRecord], task: str, name: str) -> None:
+    """Pass the held LOAD REPORT on only when the checkpoint does not match in a way nobody planned.
+
+    Expected, and said in one INFO line instead: a classifier built on a causal LM or a base encoder (a
+    critic, a reward model to train, an adapter's base in a reward-model merge) has a new score head, and
+    the LM head it leaves out is unused.
+    """
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    new_head = {k for k in missing if k.split(".", 1)[0] in _SEQ_CLS_HEADS} if task == "seq_cls" else set()
+    unused_lm_head = {k for k in unexpected if k.split(".", 1)[0] == "lm_head"} if task == "seq_cls" else set()
+    if missing - new_head or unexpected - unused_lm_head or info.get("mismatched_keys") or info.get("error_msgs"):
+        for record in held:
+            logging.getLogger(record.name).handle(record)
+        return
+    if new_head:  # the caller says what the head is for (e.g. "a zero-initialised value head")
+        logger.debug("%s: new %s (not in the checkpoint)%s.", name, ", ".join(sorted(new_head)),
+                     "; its LM head is left out" if unused_lm_head else "")
+
+
 def load_model(
     cfg: ModelConfig,
     tokenizer: Any,
@@ -410,7 +462,10 @@ def load_model(
     if source.gguf_file:
         model = load_gguf(auto_cls, source.path, source.gguf_file, dtype, **kwargs)
     else:
-        model = _from_pretrained(auto_cls, source, "model.name_or_path", dtype=dtype, **kwargs)
+        with _load_report_held() as held:
+            model, info = _from_pretrained(auto_cls, source, "model.name_or_path", dtype=dtype,
+                                           output_loading_info=True, **kwargs)
+        _report_unexpected_loading(info, held, task, source.name)
     # adapters record this as their base: keep asset names portable instead of a cache path
     model.config.name_or_path = source.name
     model.name_or_path = source.name
@@ -438,7 +493,10 @@ def load_model(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=checkpointing)
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         if finetune != "full":  # frozen embeddings: make the checkpointed inputs carry grad
@@ -542,6 +600,28 @@ def save_model(
     """
     inner = unwrap_model(model)
     path = Path(path)
+    with _no_transformers_progress_bars():  # "Writing model shards" would land inside the training bar
+        _save_pretrained(inner, path, state_dict, is_main_process, safe_serialization)
+    if is_main_process and tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _save_pretrained(inner: Any, path: Path, state_dict: dict | None, is_main_process: bool,
+                     safe_serialization: bool) -> None:
     if is_peft_model(inner):
         for adapter in inner.peft_config.values():  # a relative base resolves only from where the run started
             if adapter.base_model_name_or_path:
@@ -553,9 +633,6 @@ def save_model(
         if not safe_serialization:
             logger.warning("transformers >= 5 always writes safetensors; safe_serialization=False is ignored.")
         inner.save_pretrained(path, state_dict=state_dict, is_main_process=is_main_process)
-    if is_main_process and tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path
 
 
 def _save_embedding_layers(peft_model: Any) -> bool | str:

@@ -297,9 +297,13 @@ def test_lora_explicit_target_modules_and_bad_name(tiny_dir):
 
 
 def test_gradient_checkpointing_only_when_asked(tiny_dir):
+    import warnings
+
     cfg = ModelConfig(name_or_path=str(tiny_dir), dtype="float32", finetune="lora", gradient_checkpointing=True)
     tok = load_tokenizer(cfg)
-    model = load_model(cfg, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated transformers call of ours
+        model = load_model(cfg, tok)
     assert model.get_base_model().is_gradient_checkpointing
     model.train()
     out = model(**batch(tok), labels=batch(tok)["input_ids"])
@@ -374,6 +378,46 @@ def test_seq_cls_on_tiny_llama_uses_the_pad_id(tiny_dir_no_pad):
         alone = model(**tok(TEXTS[0], return_tensors="pt")).logits
     assert scores.shape == (2, 1)
     torch.testing.assert_close(scores[0], alone[0])  # the right-padded row scores its last real token
+
+
+def test_a_new_score_head_is_no_load_report_but_a_missing_weight_is(tiny_dir, tmp_path, caplog):
+    """A classifier on a causal LM (critic, reward model) has a new score head and drops the LM head: expected,
+    so transformers' LOAD REPORT table stays out; a weight missing from the checkpoint still shows it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_dir)))
+    with caplog.at_level(logging.WARNING):
+        load_model(ModelConfig(name_or_path=str(tiny_dir), dtype="float32"), tok, task="seq_cls")
+    assert not any("LOAD REPORT" in r.getMessage() for r in caplog.records)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_model(ModelConfig(name_or_path=str(broken), dtype="float32"), tok, task="seq_cls")
+    reports = [r.getMessage() for r in caplog.records if "LOAD REPORT" in r.getMessage()]
+    assert len(reports) == 1 and "model.norm.weight" in reports[0]
+
+
+def test_deepspeeds_cpu_note_is_dropped(monkeypatch):
+    """accelerate imports DeepSpeed on every save; on a machine without a GPU its note is no news."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.addHandler(handler)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        ds_logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
+                          "detect it.")
+        ds_logger.warning("something else")
+    finally:
+        ds_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["something else"]
 
 
 def test_seq_cls_lora_trains_the_score_head(tiny_dir):

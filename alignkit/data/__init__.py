@@ -16,6 +16,7 @@ source yields is either used or skipped (and logged): per source, rows_read = ro
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("alignkit")
+_ANNOUNCE_BYTES = 10 * 2**20  # a file this large takes seconds to read: say so first
+_PROGRESS_DELAY = 1.0  # seconds of tokenizing before the bar appears (small data sets show none)
 
 
 @dataclass
@@ -168,11 +171,14 @@ def _load_source(src: DataSource, tokenizer, kind: str, data_cfg: DataConfig, co
     """The tokenized examples of one source, grouped per source row, and its row accounting. Every row
     read ends up in exactly one group or one entry of ``skipped``."""
     before = len(skipped)
+    size = _file_size(src.path)
+    if size >= _ANNOUNCE_BYTES:
+        logger.info("%s: reading %.0f MB ...", src.path, size / 2**20)
     rows = read_source(src, on_bad_row=data_cfg.on_bad_row, skipped=skipped)
     rows_read = len(rows) + len(skipped) - before  # malformed rows count as read (and skipped)
     groups = normalize_rows(rows, kind, fmt=src.format, system_prompt=data_cfg.system_prompt,
                             on_bad_row=data_cfg.on_bad_row, skipped=skipped)
-    examples = _tokenize_groups(groups, tokenizer, kind, data_cfg, counts, skipped)
+    examples = _tokenize_groups(groups, tokenizer, kind, data_cfg, counts, skipped, f"tokenizing {src.path}")
     info = {"path": src.path, "split": src.split, "rows_read": rows_read, "rows_used": len(examples),
             "skipped": len(skipped) - before}
     logger.info("%s: %d rows read = %d used + %d skipped", src.path, rows_read, info["rows_used"], info["skipped"])
@@ -182,13 +188,30 @@ def _load_source(src: DataSource, tokenizer, kind: str, data_cfg: DataConfig, co
     return examples, info
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path) if os.path.isfile(path) else 0
+    except OSError:
+        return 0
+
+
+def _progress(items: list, desc: str):
+    """``items`` with a progress bar (tqdm, stderr) where the data layer's INFO lines show (rank 0 of a run
+    with logging set up); the bar appears only after ``_PROGRESS_DELAY`` seconds and is cleared when done."""
+    if not logger.isEnabledFor(logging.INFO):
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=" rows", delay=_PROGRESS_DELAY, leave=False, mininterval=0.5)
+
+
 def _tokenize_groups(groups: list[list[Row]], tokenizer, kind: str, data_cfg: DataConfig, counts: Counter,
-                     skipped: list[DataError]) -> list[list[dict[str, Any]]]:
+                     skipped: list[DataError], desc: str = "tokenizing") -> list[list[dict[str, Any]]]:
     """Tokenized groups; a group with a bad row is skipped whole (one source row, one skip)."""
     if any(_is_conversation(r.data) for group in groups for r in group):
         ensure_chat_template(tokenizer)
     out = []
-    for group in groups:
+    for group in _progress(groups, desc):
         group_counts: Counter = Counter()
         try:
             out.append([tokenize_example(row.data, tokenizer, kind, max_length=data_cfg.max_length,

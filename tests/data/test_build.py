@@ -216,3 +216,24 @@ def test_empty_train_and_wrong_kind(tmp_path, tok):
         build_datasets(DataConfig(), tok, "sft")
     with pytest.raises(DataError, match=r"d.jsonl line 1: this record looks like format 'messages'"):
         build_datasets(cfg(write(tmp_path / "d.jsonl", CHATS)), tok, "preference")
+
+
+def test_tokenizing_shows_progress_where_info_lines_show(tmp_path, tok, capsys, monkeypatch):
+    """A large source tokenizes for a while: rank 0 (INFO enabled) gets a progress bar, other ranks none."""
+    import logging
+
+    import alignkit.data as data
+
+    path = write(tmp_path / "chats.jsonl", CHATS * 10)
+    monkeypatch.setattr(data, "_PROGRESS_DELAY", 0)  # the bar waits a second before it shows
+    logger = logging.getLogger("alignkit")
+    level = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        build_datasets(cfg(path), tok, "sft")
+        assert "tokenizing " + path in capsys.readouterr().err
+        logger.setLevel(logging.WARNING)  # what setup_logging gives ranks other than 0
+        build_datasets(cfg(path), tok, "sft")
+        assert "tokenizing" not in capsys.readouterr().err
+    finally:
+        logger.setLevel(level)
