@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.config import file_in_the_way
 from alignkit.errors import AlignkitError
 
 logger = logging.getLogger("alignkit")
@@ -188,7 +189,9 @@ def read_metrics(path: Path) -> dict[str, tuple[list[float], list[float]]]:
 
     A resumed run appends from its checkpoint's step on: when the step goes back, the older points from that
     step on are dropped (stale), and for a repeated step the later line wins. Lines without a numeric step
-    and non-numeric values are skipped; NaN/Inf values become NaN (a gap in the line).
+    and non-numeric values are skipped; NaN/Inf values become NaN (a gap in the line). Lines that are no JSON
+    record at all (a damaged file) are skipped with a warning naming them; a last line without its newline is
+    a write cut by a crash, skipped quietly.
     """
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
@@ -196,8 +199,12 @@ def read_metrics(path: Path) -> dict[str, tuple[list[float], list[float]]]:
         return {}
     points: dict[str, dict[float, float]] = {}
     last_step = -math.inf
-    for line in text.splitlines():
+    corrupt: list[int] = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         record = _parse_line(line) if line.strip() else None
+        if record is None and line.strip() and (number < len(lines) or text.endswith("\n")):
+            corrupt.append(number)
         step = _number(record.get("step")) if record else None
         if step is None or math.isnan(step):
             continue
@@ -210,6 +217,10 @@ def read_metrics(path: Path) -> dict[str, tuple[list[float], list[float]]]:
             value = _number(raw) if key not in ("step", "time") else None
             if value is not None:
                 points.setdefault(key, {})[step] = value
+    if corrupt:
+        shown = ", ".join(map(str, corrupt[:5])) + (", ..." if len(corrupt) > 5 else "")
+        logger.warning("%s: skipped %d line(s) that are not JSON records (line %s); their metrics are not plotted.",
+                       path, len(corrupt), shown)
     series = {}
     for key, by_step in points.items():
         steps = sorted(by_step)
@@ -466,6 +477,10 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, *, names: list[str] | None = 
         raise AlignkitError(f"{len(names)} name(s) for {len(run_dirs)} run folder(s): give one name per run.")
     for run_dir in run_dirs:
         _check_run_dir(run_dir)
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        where = "" if blocking == Path(out_dir).expanduser() else f" ({blocking} is a file)"
+        raise AlignkitError(f"{out_dir}: not a folder{where}; write the plots to another folder (--out DIR).")
     _require_matplotlib()
     return save_figures(build_figures(load_runs(run_dirs, names)), out_dir)
 

@@ -427,3 +427,28 @@ def test_cli_nothing_to_plot_and_wrong_names(tmp_path):
     run = write_run(tmp_path / "run", "sft", sft_lines())
     with pytest.raises(AlignkitError, match="one name per run"):
         plots.plot_main([str(run), "--names", "a,b"])
+
+
+def test_corrupt_metrics_lines_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    """Damaged lines were dropped without a word; a crash's cut last line stays quiet (tested above)."""
+    raw = 'garbage\n{"step": 3, "loss": 0.5}\n{"step": 4, "loss" 0.4}\n{"step": 5, "loss": 0.3}\n'
+    run = write_run(tmp_path / "r", "sft", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.8}], raw=raw)
+    with caplog.at_level(logging.WARNING, logger="alignkit"):
+        series = plots.read_metrics(run / "metrics.jsonl")
+    assert series["loss"] == ([1, 2, 3, 5], [1.0, 0.8, 0.5, 0.3])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run / 'metrics.jsonl'}: skipped 2 line(s) that are not JSON records (line 3, 5); their metrics are not "
+        "plotted."]
+
+
+def test_plot_out_on_an_existing_file_is_one_line(tmp_path, capsys):
+    """`alignkit plot RUN --out FILE` ended in a FileExistsError traceback."""
+    from alignkit.cli import main
+
+    run = write_run(tmp_path / "r", "sft", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.8}])
+    taken = tmp_path / "plots.png"
+    taken.write_text("x")
+    for out, why in ((taken, ""), (taken / "sub", f" ({taken} is a file)")):
+        assert main(["plot", str(run), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"alignkit: error: {out}: not a folder{why}; write the plots to another "
+                                           "folder (--out DIR).\n")
