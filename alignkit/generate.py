@@ -126,17 +126,14 @@ def _load_adapter(folder: Path, dtype: str) -> tuple[Any, Any, str, str]:
     """(merged model, tokenizer, base model name, description note) of a LoRA adapter folder."""
     from peft import PeftModel
 
-    from alignkit.models import ModelLoadError, load_model, load_tokenizer
+    from alignkit.models import ModelLoadError, adapter_base, load_model, load_tokenizer
 
     config_file = folder / "adapter_config.json"
     try:
         adapter_config = json.loads(config_file.read_text())
     except ValueError as e:
         raise ModelLoadError(f"{config_file}: not valid JSON ({e}).") from e
-    base = adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise ModelLoadError(f"{config_file}: base_model_name_or_path is empty; cannot tell which model the adapter "
-                             "belongs to.")
+    base = adapter_base(folder)  # a relative base of an older adapter is looked for above the adapter
     if (adapter_config.get("task_type") or "CAUSAL_LM") != "CAUSAL_LM":
         raise ModelLoadError(f"{config_file}: a {adapter_config['task_type']} adapter (a reward model?), not a "
                              "language model that generates text.")
