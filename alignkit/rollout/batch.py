@@ -10,6 +10,11 @@ Layout of a :class:`Rollout` (``N`` = prompts x ``num_samples``; all tensors on 
     sampler_logps  [N, R] float32 or None: log-prob of each sampled token under the distribution it was
                    sampled from (logits / temperature, then top-k/top-p), 0 off the response mask; only
                    when ``generate(..., logps=True)`` asked for it
+    action_mask    [N, R] or None: multi-turn episodes (:mod:`~alignkit.rollout.multiturn`) only. The
+                   "response" is then every token after the prompt, the environment's included
+                   (``response_mask`` = attended to); ``action_mask`` is 1 on the tokens the policy sampled,
+                   the only ones trained on (:attr:`RolloutBatch.loss_mask`). None = every response token.
+    episodes       multi-turn only: per-episode rewards, turns, stop reasons (``multiturn.Episodes``)
 
 ``torch.cat([prompt_ids, response_ids], 1)`` (:meth:`Rollout.sequences`) puts every response right
 after its prompt at the same column ``P`` in every row, so response-token log-probs are the logits of
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,6 +49,8 @@ class Rollout:
     prompt_index: torch.Tensor  # [N] long
     response_texts: list[str]
     sampler_logps: torch.Tensor | None = None  # [N, R] float32, 0 off the mask; generate(..., logps=True)
+    action_mask: torch.Tensor | None = None  # [N, R] 1 on sampled tokens; multi-turn only (None: response_mask)
+    episodes: Any = None  # multi-turn only: alignkit.rollout.multiturn.Episodes
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -67,8 +75,9 @@ class Rollout:
     def to(self, device: torch.device | str) -> Rollout:
         tensors = {k: getattr(self, k).to(device) for k in
                    ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "ended_with_eos", "prompt_index")}
-        logps = self.sampler_logps.to(device) if self.sampler_logps is not None else None
-        return Rollout(**tensors, response_texts=self.response_texts, sampler_logps=logps)
+        optional = {k: getattr(self, k).to(device) if getattr(self, k) is not None else None
+                    for k in ("sampler_logps", "action_mask")}
+        return Rollout(**tensors, response_texts=self.response_texts, **optional, episodes=self.episodes)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -151,11 +160,18 @@ class RolloutBatch:
     position_ids: torch.Tensor  # [N, P+R], counted over real tokens (what generate used)
     response_ids: torch.Tensor  # [N, R]
     response_mask: torch.Tensor  # [N, R]
+    action_mask: torch.Tensor | None = None  # [N, R] multi-turn: 1 on sampled tokens (None: response_mask)
 
     @classmethod
     def from_rollout(cls, rollout: Rollout) -> RolloutBatch:
         input_ids, attention_mask = rollout.sequences()
-        return cls(input_ids, attention_mask, rollout.position_ids(), rollout.response_ids, rollout.response_mask)
+        return cls(input_ids, attention_mask, rollout.position_ids(), rollout.response_ids, rollout.response_mask,
+                   rollout.action_mask)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """1 on the tokens trained on: the sampled ones (environment tokens of multi-turn episodes are 0)."""
+        return self.response_mask if self.action_mask is None else self.action_mask
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -177,6 +193,7 @@ class RolloutBatch:
         left = int(prompt_used.float().argmax()) if bool(prompt_used.any()) else P - 1
         width = max(int(self.response_mask[index].sum(1).max()), 1)
         cols = slice(left, P + width)
+        action = self.action_mask[index, :width] if self.action_mask is not None else None
         return RolloutBatch(self.input_ids[index, cols], self.attention_mask[index, cols],
                             self.position_ids[index, cols], self.response_ids[index, :width],
-                            self.response_mask[index, :width])
+                            self.response_mask[index, :width], action)
