@@ -288,11 +288,11 @@ def ensure_pad_token(tokenizer: Any) -> bool:
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of ``cfg.tokenizer`` (or the model's own), with pad token, chat template override, right padding."""
-    from transformers import AutoTokenizer
-
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
     source = _resolve_source(cfg.tokenizer or cfg.name_or_path, None if cfg.tokenizer else cfg.gguf_file, key,
-                             tokenizer=True)
+                             tokenizer=True)  # a bad path fails before transformers is even imported
+    from transformers import AutoTokenizer
+
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision and not cfg.tokenizer:
         kwargs["revision"] = cfg.revision
