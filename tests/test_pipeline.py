@@ -421,3 +421,10 @@ def test_the_shipped_pipeline_files_pass_the_dry_run(tmp_path, name, capsys):
     assert {e["status"] for e in summary["stages"]} == {"run"}
     assert capsys.readouterr().out.count("# --- stage ") == len(summary["stages"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_key_given_twice_in_a_pipeline_file_is_refused(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("output_dir: out\noutput_dir: elsewhere\nstages: []\n")
+    with pytest.raises(ConfigError, match=r"pipeline\.yaml line 2: the key 'output_dir' is given twice"):
+        run_pipeline(path)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from alignkit.api import build_config
-from alignkit.config import ConfigError, RunConfig
+from alignkit.config import ConfigError, DuplicateKeyError, RunConfig, UniqueKeyLoader
 from alignkit.methods import METHODS, check_method
 
 STATE_FILE = "pipeline_state.json"
@@ -80,7 +80,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"pipeline file {str(path)!r} not found.")
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path} line {e.line}: {e}") from None
     except yaml.YAMLError as e:
         hint = (" A ${stage.field} reference inside [...] or {...} must be quoted: \"${sft.output_dir}\"."
                 if "${" in text else "")
