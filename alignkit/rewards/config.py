@@ -82,6 +82,16 @@ class RewardSourcesConfig:
                 raise ConfigError(f"{section}.functions: {spec} needs the column {column!r} (a parameter of "
                                   f"{fn.name} without a default), {which}; add the column to the data, or give the "
                                   "parameter a default.")
+        if self.answer:
+            column = self.answer_column if self.answer != "reasoning_gym" else "reasoning_gym"
+            lacking = sum(row.get(column) is None for row in rows)
+            if lacking:
+                columns = sorted({k for row in rows for k in row} - {"prompt", "prompt_ids"})
+                fix = ("use a reasoning_gym: data source" if self.answer == "reasoning_gym" else
+                       f"add the column to the data or set {section}.answer_column to the reference column")
+                raise ConfigError(f"{section}.answer={self.answer} needs the column {column!r}, which {lacking} of "
+                                  f"the {len(rows)} rows of {where} lack (their columns besides the prompt: "
+                                  f"{', '.join(columns) or 'none'}); {fix}.")
 
 
 def build_reward(cfg: RewardSourcesConfig, policy_tokenizer, device: torch.device | str | None = None, *,

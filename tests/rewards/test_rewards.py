@@ -247,6 +247,19 @@ def test_the_columns_a_reward_function_needs_are_checked_against_the_data(reward
         cfg.check_columns([{"prompt": "a", "answer": "x"}, {"prompt": "b"}], "d.jsonl")
 
 
+def test_the_answer_column_is_checked_against_the_data():
+    """reward.answer's reference column is checked before models load, like a reward function's."""
+    from alignkit.rewards import RewardSourcesConfig
+
+    cfg = RewardSourcesConfig(answer="exact", answer_column="solution")
+    cfg.check_columns([{"prompt": "a", "solution": "4"}], "d.jsonl")
+    with pytest.raises(ConfigError, match=r"^grpo.reward.answer=exact needs the column 'solution', which 1 of the "
+                                          r"2 rows of d.jsonl lack \(their columns besides the prompt: answer, "
+                                          r"solution\); .* set grpo.reward.answer_column"):
+        cfg.check_columns([{"prompt": "a", "solution": "4"}, {"prompt": "b", "answer": "5"}], "d.jsonl",
+                          section="grpo.reward")
+
+
 def test_builtin_example_rewards():
     assert target_token_share([""] * 3, ["good good bad", "Good!", ""]) == [2 / 3, 1.0, 0.0]
     assert target_token_share([""], ["a cat"], target="cat") == [0.5]
