@@ -5,7 +5,9 @@ with a critic and GAE. One step (what ``training.max_steps``, ``logging_steps``,
 checkpoint names count), on each process:
 
 1. **rollout**: the next ``rollout_batch_size`` prompts (a seeded order that resume replays), then
-   ``generation.num_samples`` responses each (:mod:`alignkit.rollout`; ZeRO-3 gathers once per rollout);
+   ``generation.num_samples`` responses each (:mod:`alignkit.rollout`; ZeRO-3 gathers once per rollout). With
+   ``environment.factory``, multi-turn episodes instead (:mod:`alignkit.rollout.multiturn`): every mask below
+   is then the action mask, so the tokens the environment added are in the context but in no loss;
 2. **rewards**: the reward sources, summed and post-processed (:mod:`alignkit.rewards`);
 3. without gradients, once per rollout: the "old" log-probs of the sampled tokens (and PPO's critic values)
    when they can differ from the training pass, and the reference's (when ``kl_coef > 0``);
@@ -68,8 +70,9 @@ from alignkit.losses.rl import (
 )
 from alignkit.models import load_model, load_tokenizer, resolve_dtype, unwrap_model
 from alignkit.reference import load_reference, reference_logps
-from alignkit.rewards import RewardSourcesConfig, build_reward, prompt_text
+from alignkit.rewards import RewardSourcesConfig, build_reward, episode_rewards, prompt_text
 from alignkit.rollout import Rollout, RolloutBatch, SamplingConfig, build_sampler
+from alignkit.rollout.multiturn import EnvironmentConfig, MultiTurnSampler
 from alignkit.training import (
     Checkpointer,
     prepare_frozen,
@@ -141,11 +144,15 @@ class OnlineRLConfig:
                                       "training log-probs of one token agree.")
     log_samples: int = opt(0, "Write this many (prompt, completion, reward) samples per logged step to "
                               "output_dir/samples.jsonl (0 = none).")
+    environment: EnvironmentConfig = opt(factory=EnvironmentConfig, doc="Multi-turn episodes with an environment "
+                                         "(docs/agents.md): its episode rewards join the reward sources; only the "
+                                         "sampled tokens are trained on.")
 
     def validate(self, run: RunConfig) -> None:
         m = run.method
         self.generation.check(f"{m}.generation")
-        self.reward.check(f"{m}.reward")
+        self.reward.check(f"{m}.reward", other_sources=self.environment.enabled)
+        self.environment.check(f"{m}.environment")
         check_choice(f"{m}.kl_penalty", self.kl_penalty, KL_PENALTIES)
         check_choice(f"{m}.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice(f"{m}.loss_agg", self.loss_agg, LOSS_AGGS)
@@ -395,6 +402,9 @@ def write_samples(path: Path, step: int, rollout: Rollout, rows: list[dict], res
                       "reward": float(result.combined[i]), "reward/final": float(result.rewards[i]),
                       "ended_with_eos": bool(rollout.ended_with_eos[i])}
             record.update({f"reward/{k}": float(v[i]) for k, v in result.raw.items()})
+            if rollout.episodes is not None:  # multi-turn: the whole conversation, tool calls included
+                record.update(episode=rollout.episodes.messages[i], turns=int(rollout.episodes.turns[i]),
+                              stop=rollout.episodes.stop[i])
             f.write(json.dumps(record) + "\n")
 
 
@@ -424,8 +434,10 @@ def run(cfg: RunConfig) -> dict:
             if m is not None:
                 disable_dropout(m)
     reference = load_reference(cfg, tokenizer, accelerator, policy) if args.uses_reference else None
+    multi_turn = args.environment.enabled  # episodes with an environment; its rewards are one more source
     reward = build_reward(args.reward, tokenizer, accelerator.device, dtype=cfg.model.dtype, section=f"{method}.reward",
-                          prepare_model=lambda m: prepare_frozen(accelerator, m))
+                          prepare_model=lambda m: prepare_frozen(accelerator, m),
+                          extra_sources=[("environment", episode_rewards, 1.0)] if multi_turn else ())
     kl_controller = kl_controller_of(args)
 
     # prompts, step counts, one optimizer over every update of every rollout (policy and critic together)
@@ -443,8 +455,12 @@ def run(cfg: RunConfig) -> dict:
     model, state = run_.model, run_.state
     if accelerator.is_main_process:  # a resumed run (or one from scratch) samples the steps after state.step again
         cut_jsonl(run_.output_dir / "samples.jsonl", state.step)
-    sampler = build_sampler(args.generation, tokenizer, model_name_or_path=cfg.model.name_or_path,
-                            device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed, policy=model)
+    if multi_turn:
+        sampler = MultiTurnSampler(tokenizer, args.generation, args.environment, device=accelerator.device,
+                                   where=f"{method}.environment")
+    else:
+        sampler = build_sampler(args.generation, tokenizer, model_name_or_path=cfg.model.name_or_path,
+                                device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed, policy=model)
     # the module the sampler samples from; vLLM syncs weights by parameter name, so give it the bare policy
     inner_policy = unwrap_model(model).policy if critic is not None else None
     sample_from = inner_policy if critic is not None and args.generation.sampler == "vllm" else model
@@ -468,15 +484,22 @@ def run(cfg: RunConfig) -> dict:
         state.micro_step += 1
 
         # 1. rollout: num_samples responses per prompt
-        rollout = sampler.generate(sample_from, [r["prompt_ids"] for r in rows], seed=derived_seed(t.seed, state.step, rank),
-                                   logps=args.tis_cap is not None or old_from_sampler)
+        want_logps = args.tis_cap is not None or old_from_sampler
+        if multi_turn:
+            rollout = sampler.generate_episodes(sample_from, rows, seed=derived_seed(t.seed, state.step, rank),
+                                                logps=want_logps)
+            for k, (s, c) in rollout.episodes.metrics().items():
+                metrics.add(k, s, c)
+        else:
+            rollout = sampler.generate(sample_from, [r["prompt_ids"] for r in rows],
+                                       seed=derived_seed(t.seed, state.step, rank), logps=want_logps)
         sampler.sleep()  # vLLM on a GPU frees its memory for the update; the next generate wakes and re-syncs it
         generation_time = time.perf_counter() - step_start
 
         # 2. rewards
         result = reward(rollout, rows, gather=accelerator.gather if world > 1 else None)
         batch = RolloutBatch.from_rollout(rollout)
-        mask = batch.response_mask
+        mask = batch.loss_mask  # the sampled tokens (multi-turn: environment tokens are 0)
         reward_metrics(metrics, result, rollout)
 
         # 3. old log-probs (and values), reference log-probs: once per rollout, no gradients
@@ -527,7 +550,7 @@ def run(cfg: RunConfig) -> dict:
                 for idx in mb.split(micro):
                     with accelerator.accumulate(model):
                         part = batch.select(idx)
-                        w, m = part.response_width, part.response_mask
+                        w, m = part.response_width, part.loss_mask
                         with autocast():
                             fwd = response_forward(model, part, temperature, entropy=True,
                                                    entropy_grad=args.entropy_coef > 0,

@@ -26,7 +26,7 @@ from alignkit.rewards.combine import (
 from alignkit.rewards.config import RewardSourcesConfig, build_reward
 from alignkit.rewards.functions import FunctionReward, load_function, target_token_share
 from alignkit.rewards.http import HTTPReward
-from alignkit.rewards.inputs import RewardError, RewardInputs, prompt_text
+from alignkit.rewards.inputs import RewardError, RewardInputs, episode_rewards, prompt_text
 from alignkit.rewards.model import (
     RewardModelFraming,
     RewardModelScorer,
@@ -38,5 +38,5 @@ __all__ = [
     "NORMALIZE_CHOICES", "AnswerReward", "CombinedReward", "FormatReward", "FunctionReward", "HTTPReward",
     "RewardError", "RewardInputs", "RewardModelFraming", "RewardModelScorer", "RewardResult", "RewardSourcesConfig",
     "RunningMoments", "batch_normalize", "build_reward", "clip_rewards", "encoder_special_tokens", "eos_penalty",
-    "extract_answer", "load_function", "prompt_text", "same_tokenizer", "target_token_share",
+    "episode_rewards", "extract_answer", "load_function", "prompt_text", "same_tokenizer", "target_token_share",
 ]

@@ -48,9 +48,10 @@ class RewardSourcesConfig:
     missing_eos_penalty: float = opt(0.0, "Subtracted from the reward of responses that hit max_new_tokens without "
                                           "EOS (>= 0; e.g. 1.0).")
 
-    def check(self, section: str = "reward") -> None:
-        """Raise ConfigError naming ``section.key`` for a bad or missing value."""
-        if not (self.model or self.functions or self.url or self.answer or self.format_pattern):
+    def check(self, section: str = "reward", other_sources: bool = False) -> None:
+        """Raise ConfigError naming ``section.key`` for a bad or missing value (no source at all is one, unless
+        ``other_sources``: e.g. an environment's episode rewards)."""
+        if not (self.model or self.functions or self.url or self.answer or self.format_pattern or other_sources):
             raise ConfigError(f"{section}: no reward source; set {section}.model, {section}.functions, "
                               f"{section}.url or {section}.answer.")
         if self.function_weights and len(self.function_weights) != len(self.functions):
@@ -95,11 +96,13 @@ class RewardSourcesConfig:
 
 
 def build_reward(cfg: RewardSourcesConfig, policy_tokenizer, device: torch.device | str | None = None, *,
-                 dtype: str = "auto", prepare_model: Callable | None = None, section: str = "reward") -> CombinedReward:
-    """The CombinedReward of ``cfg``: reward model (placed by ``prepare_model`` or moved to ``device``),
-    functions, HTTP endpoint, answer check and format check, in that order."""
-    cfg.check(section)
-    sources: list[tuple[str, Callable, float]] = []
+                 dtype: str = "auto", prepare_model: Callable | None = None, section: str = "reward",
+                 extra_sources: Sequence[tuple[str, Callable, float]] = ()) -> CombinedReward:
+    """The CombinedReward of ``extra_sources`` (``(name, source, weight)``, e.g. an environment's episode
+    rewards) and of ``cfg``: reward model (placed by ``prepare_model`` or moved to ``device``), functions, HTTP
+    endpoint, answer check and format check, in that order."""
+    cfg.check(section, other_sources=bool(extra_sources))
+    sources: list[tuple[str, Callable, float]] = list(extra_sources)
     if cfg.model:
         scorer = RewardModelScorer.from_pretrained(
             cfg.model, policy_tokenizer, device=device, dtype=dtype, prepare_model=prepare_model,

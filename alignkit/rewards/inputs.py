@@ -71,6 +71,16 @@ class RewardInputs:
                    ended_with_eos=rollout.ended_with_eos, rollout=rollout)
 
 
+def episode_rewards(inputs: RewardInputs) -> torch.Tensor:
+    """The reward source of multi-turn rollouts: each episode's summed environment rewards
+    (``Rollout.episodes.rewards``, :mod:`alignkit.rollout.multiturn`)."""
+    episodes = getattr(inputs.rollout, "episodes", None)
+    if episodes is None:
+        raise RewardError("the environment reward needs a multi-turn rollout (environment.factory set); this "
+                          "rollout has no episodes.")
+    return episodes.rewards
+
+
 def as_scores(values: Any, n: int, who: str) -> torch.Tensor:
     """``values`` as a float tensor of ``n`` finite numbers, or a RewardError naming ``who``."""
     try:

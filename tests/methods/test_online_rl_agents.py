@@ -1,0 +1,194 @@
+"""Online RL with multi-turn environments (alignkit.rollout.multiturn): GRPO learns a 2-turn toy task, the loss
+only sees sampled tokens, and a multi-turn run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import alignkit
+from alignkit.config import ConfigError
+from alignkit.training import Checkpointer
+
+ENV = '''
+import re
+from alignkit.rollout.environment import StepResult
+
+
+class TwoTurns:
+    """Two assistant turns; each scores the share of the word "good" in it (halved), a tool message between."""
+
+    tools = None
+
+    def __init__(self):
+        self.turn = 0
+
+    def reset(self, row):
+        return None  # the row's prompt
+
+    def step(self, message):
+        self.turn += 1
+        words = re.findall(r"[a-z0-9']+", message["content"].lower())
+        share = sum(w == "good" for w in words) / len(words) if words else 0.0
+        if self.turn >= 2:
+            return StepResult(reward=share / 2, done=True)
+        return StepResult([{"role": "tool", "content": "the cat sat on the mat"}], reward=share / 2)
+
+
+def make_env(row):
+    return TwoTurns()
+'''
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ending_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama whose eos row points along its mean hidden state, so turns end after a few tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.testing import save_tiny_llama
+
+    path = save_tiny_llama(tmp_path_factory.mktemp("ending-llama"))
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    ids = tok("<|im_start|>user\nthe cat sat on the mat<|im_end|>\n<|im_start|>assistant\nhello world the dog",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        mean = model.model(ids).last_hidden_state[0].mean(0)
+        model.lm_head.weight[tok.eos_token_id] = 0.9 * mean / mean.norm()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def env_spec(tmp_path) -> str:
+    path = tmp_path / "two_turns.py"
+    path.write_text(ENV)
+    return f"{path}:make_env"
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    import random
+
+    from alignkit.testing import _WORDS
+
+    rng = random.Random(0)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": " ".join(
+        rng.choice(_WORDS) for _ in range(5))}]}) + "\n" for _ in range(64)))
+    return path
+
+
+def _train(method: str, model_dir: Path, prompts: Path, out: Path, env_spec: str, *, training=None, **fields):
+    t = {"output_dir": str(out), "max_steps": 16, "learning_rate": 1e-2, "per_device_batch_size": 4,
+         "lr_scheduler": "constant", "report_to": ["jsonl"], "seed": 0, "mixed_precision": "no"}
+    t.update(training or {})
+    section = {"generation": {"max_new_tokens": 8, "num_samples": 4}, "rollout_batch_size": 4, "kl_coef": 0.01,
+               "environment": {"factory": env_spec, "max_turns": 3, "max_episode_tokens": 64}, **fields}
+    return alignkit.train(method, model={"name_or_path": str(model_dir), "dtype": "float32"},
+                          data={"train": [str(prompts)], "max_length": 64}, training=t, **{method: section})
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_learns_a_two_turn_environment(tmp_path, ending_model_dir, prompts, env_spec):
+    out = tmp_path / "grpo"
+    _train("grpo", ending_model_dir, prompts, out, env_spec, log_samples=2)
+    rows = _metrics(out)
+    rewards = [r["reward"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.1, rewards
+    assert rows[0]["env/turns"] > 1.3  # episodes really take several turns
+    assert all(r["reward/environment"] == pytest.approx(r["reward"]) for r in rows)
+    for key in ("env/stop_done", "env/stop_no_eos", "env/stop_max_turns", "env/tool_errors", "kl"):
+        assert key in rows[0], key
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    roles = [m["role"] for m in sample["episode"]]
+    assert roles[:2] == ["user", "assistant"] and sample["turns"] == roles.count("assistant")
+    if sample["turns"] == 2:
+        assert roles == ["user", "assistant", "tool", "assistant"]
+
+
+def test_environment_tokens_get_no_gradient(tmp_path, ending_model_dir, prompts, env_spec, monkeypatch):
+    """The policy loss is masked by the action mask: tokens the environment added weigh nothing."""
+    import alignkit.methods.online_rl as online_rl
+
+    seen = []
+    real = online_rl.policy_terms
+
+    def spy(fwd, old, adv, mask, *args, **kwargs):
+        seen.append(mask.clone())
+        return real(fwd, old, adv, mask, *args, **kwargs)
+
+    monkeypatch.setattr(online_rl, "policy_terms", spy)
+    real_forward = online_rl.response_forward
+    batches = []
+
+    def forward_spy(model, part, *args, **kwargs):
+        batches.append(part)
+        return real_forward(model, part, *args, **kwargs)
+
+    monkeypatch.setattr(online_rl, "response_forward", forward_spy)
+    _train("grpo", ending_model_dir, prompts, tmp_path / "mask", env_spec, training={"max_steps": 2})
+    holes = 0
+    for mask, part in zip(seen, batches):
+        assert torch.equal(mask, part.action_mask)
+        holes += int((part.response_mask.bool() & ~part.action_mask.bool()).sum())
+    assert holes > 0  # some environment tokens were in the batches, and masked
+
+
+def test_multi_turn_run_resumes_exactly(tmp_path, ending_model_dir, prompts, env_spec, monkeypatch):
+    from accelerate.state import AcceleratorState, GradientState
+
+    kwargs = dict(training={"max_steps": 4, "save_steps": 2, "per_device_batch_size": 2,
+                            "gradient_accumulation_steps": 2, "learning_rate": 3e-3}, ppo_epochs=2)
+    res_a = _train("grpo", ending_model_dir, prompts, tmp_path / "straight", env_spec, **kwargs)
+
+    class Crash(Exception):
+        pass
+
+    real_save = Checkpointer.save
+
+    def save_then_crash(self, state):
+        path = real_save(self, state)
+        if state.step == 2:
+            raise Crash()
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        _train("grpo", ending_model_dir, prompts, tmp_path / "resumed", env_spec, **kwargs)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.manual_seed(1234)  # resume must not depend on the global RNG
+    kwargs["training"]["resume"] = "latest"
+    res_b = _train("grpo", ending_model_dir, prompts, tmp_path / "resumed", env_spec, **kwargs)
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("reward", "loss/policy", "kl", "env/turns", "response_length"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    sa, sb = res_a["model"].state_dict(), res_b["model"].state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_environment_config_errors_name_the_keys(tmp_path, ending_model_dir, prompts, env_spec):
+    with pytest.raises(ConfigError, match="grpo.environment.max_turns"):
+        _train("grpo", ending_model_dir, prompts, tmp_path / "a", env_spec,
+               environment={"factory": env_spec, "max_turns": 0})
+    with pytest.raises(ConfigError, match="grpo.reward: no reward source"):
+        _train("grpo", ending_model_dir, prompts, tmp_path / "b", env_spec, environment={"factory": None})
