@@ -111,8 +111,13 @@ def _not_a_model_folder(key: str, name: str, path: Path, expected: str) -> Confi
         return ConfigError(f"{key}={name!r}: not a model folder: {path} does not exist (expected a folder with "
                            f"{expected}, a .gguf file, a hub name or a model asset: {_model_assets()}).")
     checkpoints = sorted(path.glob("checkpoint-*/config.json")) + sorted(path.glob("checkpoint-*/adapter_config.json"))
-    hint = (f"; it holds checkpoints: give one, e.g. {checkpoints[-1].parent}" if checkpoints
-            else "; give the folder a training run saved its model in, or a hub name or model asset")
+    ggufs = sorted(path.glob("*.gguf"))
+    if checkpoints:
+        hint = f"; it holds checkpoints: give one, e.g. {checkpoints[-1].parent}"
+    elif ggufs:
+        hint = f"; it holds a GGUF file: give that file, e.g. {ggufs[0]}"
+    else:
+        hint = "; give the folder a training run saved its model in, or a hub name or model asset"
     return ConfigError(f"{key}={name!r}: not a model folder: {path} (expected {expected}){hint}.")
 
 

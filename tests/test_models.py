@@ -190,10 +190,14 @@ def test_local_looking_names_fail_at_once_without_the_hub(tmp_path, monkeypatch)
     (tmp_path / "outputs" / "empty").mkdir(parents=True)
     (tmp_path / "outputs" / "run" / "checkpoint-20").mkdir(parents=True)
     (tmp_path / "outputs" / "run" / "checkpoint-20" / "config.json").write_text("{}")
+    (tmp_path / "outputs" / "quantized").mkdir()
+    (tmp_path / "outputs" / "quantized" / "m.Q4.gguf").write_bytes(b"GGUF")
     cases = {"outputs/typo": "not a model folder: outputs/typo does not exist",
              "outputs/empty": r"not a model folder: outputs/empty \(expected config.json\)",
              "outputs/run": r"not a model folder: outputs/run \(expected config.json\); it holds checkpoints: "
-                            r"give one, e.g. outputs/run/checkpoint-20"}
+                            r"give one, e.g. outputs/run/checkpoint-20",
+             "outputs/quantized": r"not a model folder: outputs/quantized \(expected config.json\); it holds a GGUF "
+                                  r"file: give that file, e.g. outputs/quantized/m.Q4.gguf"}
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=f"model.name_or_path='{name}': {message}") as e:
             load_tokenizer(ModelConfig(name_or_path=name))
