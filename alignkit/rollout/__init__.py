@@ -7,6 +7,9 @@ Two samplers share one interface, ``sampler.generate(model, prompts, seed=None, 
   batches, on the training model itself (plain, LoRA, DDP- or DeepSpeed-wrapped);
 - :class:`~alignkit.rollout.vllm.VLLMSampler` (``generation.sampler: vllm``, optional extra): a vLLM engine
   in each training process; the policy's weights are pushed into it before every rollout.
+- :class:`~alignkit.rollout.vllm_server.VLLMServerSampler` (``generation.sampler: vllm_server``): ``vllm serve``
+  processes over HTTP (given as URLs or started here); the weights (or a LoRA adapter) go to them before
+  every rollout through vLLM's own weight-update routes.
 
 Both also have ``sleep()`` (vLLM with sleep mode: free its GPU memory until the next rollout; otherwise
 nothing) and ``close()``.
@@ -43,4 +46,11 @@ def build_sampler(config: SamplingConfig, tokenizer, *, model_name_or_path: str 
         if not model_name_or_path:
             raise ConfigError("generation.sampler=vllm needs the policy's model path to build vLLM (model.name_or_path).")
         return VLLMSampler(model_name_or_path, tokenizer, config, dtype=dtype, seed=seed, policy=policy)
+    if config.sampler == "vllm_server":
+        from alignkit.rollout.vllm_server import VLLMServerSampler
+
+        if not model_name_or_path:
+            raise ConfigError("generation.sampler=vllm_server needs the policy's model path (model.name_or_path): "
+                              "the servers serve it and the check compares their model with it.")
+        return VLLMServerSampler(model_name_or_path, tokenizer, config, dtype=dtype, seed=seed, policy=policy)
     return HFSampler(tokenizer, config, device=device)

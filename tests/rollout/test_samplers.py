@@ -248,7 +248,7 @@ def test_ppo_engine_gathers_only_the_policy_to_generate(tok, monkeypatch):
 def test_weights_for_vllm_are_gathered_one_layer_at_a_time_under_zero3(tok, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    from alignkit.rollout.vllm import policy_weights
+    from alignkit.rollout.weights import policy_weights
     from alignkit.testing import tiny_llama
 
     m = tiny_llama(tok)
@@ -319,7 +319,7 @@ def test_build_rollout_cuts_after_the_first_eos(tok):
 def test_lora_weights_for_vllm_are_the_merged_model_under_hf_names(tok):
     from peft import LoraConfig, get_peft_model
 
-    from alignkit.rollout.vllm import policy_weights
+    from alignkit.rollout.weights import policy_weights
     from alignkit.testing import tiny_llama
 
     base = tiny_llama(tok)
@@ -347,7 +347,7 @@ def test_lora_weights_for_vllm_are_the_merged_model_under_hf_names(tok):
 def test_dora_and_other_adapters_are_refused_for_vllm(tok):
     from peft import IA3Config, LoraConfig, get_peft_model
 
-    from alignkit.rollout.vllm import policy_weights
+    from alignkit.rollout.weights import policy_weights
     from alignkit.testing import tiny_llama
 
     dora = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))

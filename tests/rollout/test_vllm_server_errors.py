@@ -1,0 +1,211 @@
+"""The vllm_server sampler against fake local endpoints (no vLLM): a dead, slow or mismatched server is a
+one-line error naming it, never a hang; prompts spread over the servers; the weights go as files.
+
+The fakes listen on 127.0.0.1 only and answer a few routes the way vLLM 0.32 does; the real server is
+tested in tests/rollout/test_vllm_server.py (``make test-vllm``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.config import ConfigError
+from alignkit.launch import free_port
+from alignkit.rollout import SamplingConfig, build_sampler
+from alignkit.rollout.vllm_server import EXTENSION, ServerError, VLLMServerSampler
+from alignkit.testing import tiny_llama
+
+
+def vllm_info(**model_config) -> dict:
+    return {"vllm_config": {"model_config": {"logprobs_mode": "processed_logprobs", "generation_config": "vllm",
+                                             **model_config},
+                            "parallel_config": {"worker_extension_cls": EXTENSION}, "lora_config": None}}
+
+
+class FakeVLLM:
+    """A loopback HTTP server answering like ``vllm serve`` (``routes``: path -> JSON or a callable)."""
+
+    def __init__(self, routes: dict, delay: float = 0.0):
+        self.routes, self.delay, self.requests = routes, delay, []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, body: dict | None):
+                fake.requests.append((self.path, body))
+                time.sleep(fake.delay)
+                route = fake.routes.get(self.path)
+                if route is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    self.wfile.write(b'{"detail": "Not Found"}')
+                    return
+                out = route(body) if callable(route) else route
+                data = json.dumps(out).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except BrokenPipeError:  # the client gave up waiting (the timeout tests)
+                    pass
+
+            def do_GET(self):  # noqa: N802
+                self._answer(None)
+
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                self._answer(json.loads(self.rfile.read(length) or b"{}"))
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from alignkit.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from alignkit.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def healthy_routes(tiny_dir: Path, vocab: int = 512, hidden: int = 64, loaded: list | None = None, **info) -> dict:
+    def rpc(body):
+        if body["method"] == "alignkit_model_info":
+            return {"results": [{"vocab_size": vocab, "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+                                 "dtype": "float32"}]}
+        if body["method"] == "alignkit_reload_weights":  # what vLLM's reload would read from the folder
+            from safetensors.torch import load_file
+
+            files = sorted(Path(body["kwargs"]["path"]).glob("*.safetensors"))
+            loaded.append({k: v for f in files for k, v in load_file(f).items()})
+            return {"results": [{"tied_lm_head_refreshed": False}]}
+        raise AssertionError(body)
+
+    return {"/health": {}, "/v1/models": {"data": [{"id": str(tiny_dir), "max_model_len": 512}]},
+            "/server_info?config_format=json": vllm_info(**info), "/collective_rpc": rpc, "/reset_prefix_cache": {}}
+
+
+def sampler_for(tok, tiny_dir, *urls, **fields) -> VLLMServerSampler:
+    config = SamplingConfig(sampler="vllm_server", vllm_server_urls=list(urls), vllm_server_weight_sync="files",
+                            **fields)
+    return build_sampler(config, tok, model_name_or_path=str(tiny_dir), dtype="float32")
+
+
+def test_a_dead_server_is_one_line_naming_it(tok, tiny_dir):
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    with pytest.raises(ServerError, match=rf"vLLM server {url} is not reachable for the health check .*check that "
+                                          r"`vllm serve` runs there and the host and port in generation.vllm_server_urls"):
+        sampler_for(tok, tiny_dir, url)
+
+
+def test_a_slow_server_times_out_instead_of_hanging(tok, tiny_dir):
+    fake = FakeVLLM(healthy_routes(tiny_dir), delay=30.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ServerError, match=rf"vLLM server {fake.url} did not answer the health check within 1 s"):
+            sampler_for(tok, tiny_dir, fake.url, vllm_server_timeout=1)
+        assert time.monotonic() - start < 20  # bounded by the timeout, not by the server's 30 s
+    finally:
+        fake.close()
+    # a rollout request that takes longer than generation.vllm_server_timeout
+    routes = healthy_routes(tiny_dir, loaded=[])
+    fake = FakeVLLM(routes)
+    try:
+        sampler = sampler_for(tok, tiny_dir, fake.url, vllm_server_timeout=0.5)
+
+        def slow_completion(body):
+            time.sleep(5)
+            return {}
+
+        routes["/v1/completions"] = slow_completion
+        with pytest.raises(ServerError, match=rf"{fake.url} did not answer the rollout of prompt 0 within 0.5 s: .*"
+                                              "raise generation.vllm_server_timeout"):
+            sampler.generate(tiny_llama(), [[5, 6, 7]])
+    finally:
+        fake.close()
+
+
+def test_a_mismatched_or_misconfigured_server_says_what_to_check(tok, tiny_dir):
+    cases = [
+        (healthy_routes(tiny_dir, vocab=999), r"serves .* vocabulary 999, .* but the policy is .*vocabulary 512.*: "
+                                              r"start the server with `vllm serve"),
+        (healthy_routes(tiny_dir, logprobs_mode="raw_logprobs"), "restart it with --logprobs-mode processed_logprobs"),
+        (healthy_routes(tiny_dir, generation_config="auto"), "restart it with --generation-config vllm"),
+        ({**healthy_routes(tiny_dir), "/server_info?config_format=json": None},
+         r"refused /server_info \(dev mode\) \(HTTP 404.*start it with VLLM_SERVER_DEV_MODE=1"),
+    ]
+    no_extension = healthy_routes(tiny_dir)
+    no_extension["/server_info?config_format=json"]["vllm_config"]["parallel_config"] = {}
+    cases.append((no_extension, rf"started without --worker-extension-cls {EXTENSION}"))
+    for routes, message in cases:
+        fake = FakeVLLM({k: v for k, v in routes.items() if v is not None})
+        try:
+            with pytest.raises(ServerError, match=message) as error:
+                sampler_for(tok, tiny_dir, fake.url)
+            assert "\n" not in str(error.value) and fake.url in str(error.value)
+        finally:
+            fake.close()
+    with pytest.raises(ConfigError, match=r"generation.vllm_server_urls: 'localhost:8000' is not a URL"):
+        SamplingConfig(sampler="vllm_server", vllm_server_urls=["localhost:8000"]).check()
+
+
+def test_prompts_spread_over_the_servers_and_the_weights_reach_each(tok, tiny_dir):
+    policy = tiny_llama()
+    loaded = [[], []]
+
+    def completion(body):  # one sample per prompt: the prompt's last token, then eos; log-probs -0.5
+        tokens = [body["prompt"][-1], tok.eos_token_id]
+        return {"choices": [{"index": j, "token_ids": tokens, "logprobs": {"token_logprobs": [-0.5, -0.5]}}
+                            for j in range(body["n"])]}
+
+    fakes = [FakeVLLM({**healthy_routes(tiny_dir, loaded=loaded[i]), "/v1/completions": completion}) for i in range(2)]
+    try:
+        sampler = sampler_for(tok, tiny_dir, *(f.url for f in fakes), num_samples=2)
+        prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
+        rollout = sampler.generate(policy, prompts, seed=3, logps=True)
+        sent = [[b["prompt"] for p, b in f.requests if p == "/v1/completions"] for f in fakes]
+        assert [sorted(s) for s in sent] == [[[5, 6, 7], [10, 11, 12]], [[8, 9], [13]]]  # round-robin
+        seeds = [b["seed"] for f in fakes for p, b in f.requests if p == "/v1/completions"]
+        assert len(set(seeds)) == 4  # one seed per prompt
+        assert rollout.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert rollout.response_ids[:, 0].tolist() == [7, 7, 9, 9, 12, 12, 13, 13]
+        assert rollout.ended_with_eos.all() and float(rollout.sampler_logps.sum()) == -0.5 * 16
+        for weights in loaded:  # each server got every weight of the policy, under its HF name
+            assert len(weights) == 1
+            assert set(weights[0]) == {n for n, _ in policy.named_parameters()}
+            assert torch.equal(weights[0]["model.embed_tokens.weight"], policy.model.embed_tokens.weight)
+        # a frozen policy is sent once
+        for p in policy.parameters():
+            p.requires_grad_(False)
+        sampler.generate(policy, prompts)
+        sampler.generate(policy, prompts)
+        assert [len(w) for w in loaded] == [2, 2]
+        sampler.close()
+        with pytest.raises(Exception, match="closed"):
+            sampler.generate(policy, prompts)
+    finally:
+        for f in fakes:
+            f.close()
