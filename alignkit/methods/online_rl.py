@@ -463,7 +463,7 @@ def run(cfg: RunConfig) -> dict:
                                 device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed, policy=model)
     # the module the sampler samples from; vLLM syncs weights by parameter name, so give it the bare policy
     inner_policy = unwrap_model(model).policy if critic is not None else None
-    sample_from = inner_policy if critic is not None and args.generation.sampler == "vllm" else model
+    sample_from = inner_policy if critic is not None and args.generation.sampler in ("vllm", "vllm_server") else model
     logger.info(f"{method}: {max_steps} steps of {args.rollout_batch_size} prompts x {n} samples x {world} "
                 f"processes; {args.ppo_epochs} epoch(s) x {n_updates} update(s) per rollout")
     temperature = 0.0 if args.generation.greedy else args.generation.temperature
