@@ -68,7 +68,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 
 test-vllm: $(VLLM_STAMP)
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 \
-	    $(VLLM_VENV)/bin/python -m pytest -q -p no:xdist -m vllm tests/rollout/test_vllm.py $(PYTEST_ARGS)
+	    $(VLLM_VENV)/bin/python -m pytest -q -p no:xdist -m vllm tests/rollout/test_vllm.py tests/rollout/test_vllm_server.py \
+	    $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -180,7 +180,10 @@ def serve_command(model: str, *, port: int, dtype: str, seed: int, config: Sampl
         cmd += ["--max-model-len", str(config.vllm_max_model_len)]
     cpu = not torch.cuda.is_available()
     if cpu:
-        cmd += ["--enforce-eager"]
+        # vLLM 0.32 on CPU kills its engine when a seeded request's prefill is split over steps ("CPU
+        # Generator does not use offset"): prefill whole prompts, with a step budget that fits the longest
+        budget = max(8192, config.vllm_max_model_len or _max_positions(model))
+        cmd += ["--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
     else:
         cmd += ["--gpu-memory-utilization", str(config.vllm_gpu_memory_utilization)]
     kv_cache_gb = config.vllm_kv_cache_gb or (CPU_KV_CACHE_GB if cpu else None)
@@ -193,6 +196,15 @@ def serve_command(model: str, *, port: int, dtype: str, seed: int, config: Sampl
     if _weight_sync(config) == "nccl":
         cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
     return cmd
+
+
+def _max_positions(model: str) -> int:
+    from transformers import AutoConfig
+
+    try:
+        return int(getattr(AutoConfig.from_pretrained(model).get_text_config(), "max_position_embeddings", 0) or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -247,6 +259,7 @@ def _weight_sync(config: SamplingConfig) -> str:
 def _lora_rank(model: torch.nn.Module | None) -> int | None:
     """The rank the servers need for ``model``'s adapter; None when it is not one vLLM can load."""
     inner = unwrap_model(model) if model is not None else None
+    inner = getattr(inner, "policy", inner)  # PPO's policy-and-critic module
     if inner is None or not hasattr(inner, "peft_config"):
         return None
     reason = _adapter_unsupported(inner)
@@ -353,6 +366,12 @@ class VLLMServerSampler:
         model_config = config.get("model_config") or {}
         server.info["lora"] = config.get("lora_config") or None
         server.info["parallel_config"] = config.get("parallel_config") or {}
+        device = config.get("device_config") or {}
+        on_cpu = "cpu" in str(device.get("device_type") or device.get("device") or "")
+        if on_cpu and (config.get("scheduler_config") or {}).get("enable_chunked_prefill"):
+            raise ServerError(f"{server.where()} runs on CPU with chunked prefill, where vLLM 0.32 stops its engine "
+                              "on a seeded request whose prefill is split (\"CPU Generator does not use offset\"): "
+                              "restart it with --no-enable-chunked-prefill --max-num-batched-tokens 8192.")
         if self.weight_sync == "nccl" and not config.get("weight_transfer_config"):
             raise ServerError(f"{server.where()} was started without --weight-transfer-config '{{\"backend\": "
                               "\"nccl\"}', which generation.vllm_server_weight_sync=nccl needs: restart it with it, "

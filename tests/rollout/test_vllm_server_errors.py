@@ -157,6 +157,10 @@ def test_a_mismatched_or_misconfigured_server_says_what_to_check(tok, tiny_dir):
         ({**healthy_routes(tiny_dir), "/server_info?config_format=json": None},
          r"refused /server_info \(dev mode\) \(HTTP 404.*start it with VLLM_SERVER_DEV_MODE=1"),
     ]
+    chunked = healthy_routes(tiny_dir)
+    chunked["/server_info?config_format=json"]["vllm_config"].update(
+        device_config={"device": "cpu"}, scheduler_config={"enable_chunked_prefill": True})
+    cases.append((chunked, "runs on CPU with chunked prefill, .* restart it with --no-enable-chunked-prefill"))
     no_extension = healthy_routes(tiny_dir)
     no_extension["/server_info?config_format=json"]["vllm_config"]["parallel_config"] = {}
     cases.append((no_extension, rf"started without --worker-extension-cls {EXTENSION}"))
