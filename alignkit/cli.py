@@ -1,6 +1,6 @@
 """The ``alignkit`` command.
 
-    alignkit train METHOD [CONFIG.yaml] [--set section.key=value ...] [--num-processes N] [--deepspeed zero3]
+    alignkit train METHOD [CONFIG.yaml] [--set section.key=value ...] [--num-processes N] [--deepspeed zero3 | --fsdp full_shard]
     alignkit config METHOD              every option with its default and doc
     alignkit assets list | fetch NAME   the offline cache of real models and data
     alignkit merge ADAPTER_DIR OUT_DIR  merge a LoRA adapter into its base model
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="shortcut for --set training.output_dir=...")
     p.add_argument("--num-processes", type=int, help="processes to launch on this machine (free port chosen)")
     p.add_argument("--deepspeed", help="zero1, zero2, zero3 or a DeepSpeed JSON file")
+    p.add_argument("--fsdp", choices=["full_shard", "shard_grad_op"], help="PyTorch FSDP2 instead of DeepSpeed "
+                                                                           "(full_shard is like ZeRO-3)")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest checkpoint (or a path)")
 
     p = sub.add_parser("config", help="print every option of METHOD with its default and doc",
@@ -160,6 +162,8 @@ def _train(args, argv: list[str]) -> int:
         overrides.append(f"training.num_processes={args.num_processes}")
     if args.deepspeed:
         overrides.append(f"training.deepspeed={args.deepspeed}")
+    if args.fsdp:
+        overrides.append(f"training.fsdp={args.fsdp}")
     if args.resume:
         overrides.append(f"training.resume={args.resume}")
     cfg = load_config(args.method, args.config, overrides)  # validate before launching anything

@@ -142,6 +142,11 @@ class TrainingConfig:
     num_processes: int = opt(1, "Processes to launch (alignkit launches them itself with a free port).")
     deepspeed: str | None = opt(None, "DeepSpeed: zero1, zero2, zero3, or a path to a DeepSpeed JSON config.")
     zero_offload: bool = opt(False, "With ZeRO-2/3: keep optimizer state (and ZeRO-3 params) in CPU memory.")
+    fsdp: str = opt("", "PyTorch FSDP2 instead of DeepSpeed: full_shard (parameters, gradients and optimizer state "
+                        "sharded, like ZeRO-3) or shard_grad_op (parameters stay gathered between forward and "
+                        "backward, like ZeRO-2); empty: off.")
+    fsdp_cpu_offload: bool = opt(False, "With fsdp: keep the sharded parameters, gradients and optimizer state in "
+                                        "CPU memory (slower; for models that do not fit otherwise).")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.")
     group_by_length: bool = opt(False, "Offline methods: batch rows of similar length (windows of 50 global batches sorted by length, batch order shuffled); same rows per epoch, exact resume.")
 
@@ -150,6 +155,14 @@ class TrainingConfig:
         check_choice("training.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
         for name in self.report_to:
             check_choice("training.report_to", name, ["jsonl", "tensorboard", "wandb", "plots"])
+        if self.fsdp:
+            check_choice("training.fsdp", self.fsdp, ["full_shard", "shard_grad_op"])
+        if self.fsdp and self.deepspeed:
+            raise ConfigError(f"training.fsdp={self.fsdp} and training.deepspeed={self.deepspeed} are both set: they "
+                              "are two ways to shard the same training; keep one.")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ConfigError("training.fsdp_cpu_offload=true needs training.fsdp=full_shard or shard_grad_op "
+                              "(with DeepSpeed use training.zero_offload).")
         if self.deepspeed and self.deepspeed not in ("zero1", "zero2", "zero3") and not Path(self.deepspeed).is_file():
             raise ConfigError(
                 f"training.deepspeed={self.deepspeed!r}: use zero1, zero2, zero3 or the path of a DeepSpeed JSON file."

@@ -24,8 +24,10 @@ import torch
 from alignkit.config import ConfigError, ModelConfig
 from alignkit.models import load_model, load_tokenizer, save_model
 from alignkit.rewards import same_tokenizer
+from alignkit.rollout.fsdp2 import unsharded
 from alignkit.rollout.zero3 import gathered
-from alignkit.training import CONFIG_FILE, Checkpointer, zero_stage
+from alignkit.training import CONFIG_FILE, Checkpointer, is_fsdp2, zero_stage
+from alignkit.training.checkpoint import full_state_dict
 
 logger = logging.getLogger("alignkit")
 
@@ -68,7 +70,7 @@ def rollout_values(model, batch, micro_batch_size: int, *, autocast=None) -> tor
 
     critic = unwrap_model(model).critic
     parts = []
-    with eval_mode(model):
+    with eval_mode(model), unsharded(unwrap_model(model), part=critic):  # FSDP2: the critic runs outside the forward
         for index in torch.arange(len(batch)).split(micro_batch_size):
             part = batch.select(index)
             with autocast() if autocast is not None else contextlib.nullcontext():
@@ -158,7 +160,7 @@ class PolicyCriticCheckpointer(Checkpointer):
 
     def save_model(self, path: Path) -> None:
         acc = self.accelerator
-        state_dict = acc.get_state_dict(self.model) if zero_stage(acc) == 3 else None  # a collective
+        state_dict = full_state_dict(acc, self.model) if zero_stage(acc) == 3 or is_fsdp2(acc) else None
         if acc.is_main_process:
             wrapper = acc.unwrap_model(self.model)
             for name, module, where in (("policy", wrapper.policy, path), ("critic", wrapper.critic, path / CRITIC_DIR)):

@@ -102,7 +102,14 @@ def _output_head(model) -> torch.nn.Module | None:
             return None
     if any(hasattr(p, "ds_id") for p in head.parameters()):  # ZeRO-3 partitions it; gathered only in its forward
         return None
+    if any(_is_fsdp(m) for m in (head, unwrap_model(model), base)):  # FSDP2 shards it, the same way
+        return None
     return head
+
+
+def _is_fsdp(module) -> bool:
+    # by class name: FSDP2's fully_shard gives a module a subclass of FSDPModule
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from alignkit.data import attention_mask_from_lengths, pad
 from alignkit.models import eval_mode, model_device, unwrap_model
 from alignkit.rollout.batch import Rollout, build_rollout, check_prompts, eos_token_ids, pad_token_id
 from alignkit.rollout.config import SamplingConfig
+from alignkit.rollout.fsdp2 import unsharded
 from alignkit.rollout.zero3 import gathered_parameters, zero3_params
 
 
@@ -54,7 +55,8 @@ class HFSampler:
       fast, but every GPU then holds the whole model besides its shard, optimizer state and KV cache.
       With ``zero3_gather: false`` each forward fetches layers as in training (fits any model that
       trains, one all-gather per layer per token: slow) and ``synced_gpus`` keeps processes in step;
-      then every process must run the same number of batches.
+      then every process must run the same number of batches. Under FSDP2 the full weights are always
+      gathered once per rollout (:func:`~alignkit.rollout.fsdp2.unsharded`; ``zero3_gather`` is ZeRO-3's).
     - Sampling ignores the checkpoint's generation_config.json (repetition penalties etc.): the
       samples come from ``softmax(logits / temperature)`` with top-k/top-p only.
     - ``generate(..., logps=True)`` also returns each sampled token's log-prob under that distribution
@@ -117,6 +119,7 @@ class HFSampler:
             stack.enter_context(_clean_generation_config(inner))
             if zero3 and gather:  # only what generates: PPO's engine also holds the critic
                 stack.enter_context(gathered_parameters(model, part=getattr(inner, "sampled_module", None)))
+            stack.enter_context(unsharded(inner))  # FSDP2 only; all of it: PPO's shared prefill runs the critic
             device = torch.device(self.device) if self.device is not None else model_device(inner)
             if seed is not None:
                 devices = [device] if device.type == "cuda" else []

@@ -21,7 +21,7 @@ from alignkit.lazy import lazy_exports
 # the module of each name, imported on first use: ``alignkit plot`` (alignkit.training.plots) and its --help
 # start without torch
 _HOMES = {
-    **dict.fromkeys(("autocast", "is_deepspeed", "prepare_frozen", "reduce_sum", "setup_accelerator", "zero_stage"),
+    **dict.fromkeys(("autocast", "is_deepspeed", "is_fsdp2", "prepare_frozen", "reduce_sum", "setup_accelerator", "zero_stage"),
                     "accelerator"),
     **dict.fromkeys(("CONFIG_FILE", "Checkpointer", "TrainState", "prepare_output_dir"), "checkpoint"),
     **dict.fromkeys(("OfflineMethod", "Run", "evaluate", "fit", "start_training"), "loop"),
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from alignkit.training.accelerator import (
         autocast,
         is_deepspeed,
+        is_fsdp2,
         prepare_frozen,
         reduce_sum,
         setup_accelerator,
@@ -42,6 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_FILE", "Checkpointer", "OfflineMethod", "Run", "TrainState", "TrainingError", "autocast", "evaluate",
-    "fit", "is_deepspeed", "prepare_frozen", "prepare_output_dir", "reduce_sum", "setup_accelerator",
+    "fit", "is_deepspeed", "is_fsdp2", "prepare_frozen", "prepare_output_dir", "reduce_sum", "setup_accelerator",
     "start_training", "zero_stage",
 ]

@@ -1,5 +1,5 @@
-"""The Accelerator of a run (plain, DDP on gloo/NCCL, DeepSpeed ZeRO-1/2/3), placement of frozen models,
-and the few collectives the loops need (sums and "any process" flags over all processes)."""
+"""The Accelerator of a run (plain, DDP on gloo/NCCL, DeepSpeed ZeRO-1/2/3, PyTorch FSDP2), placement of
+frozen models, and the few collectives the loops need (sums and "any process" flags over all processes)."""
 
 from __future__ import annotations
 
@@ -52,15 +52,30 @@ def deepspeed_config(t: TrainingConfig, mixed_precision: str) -> dict:
     }
 
 
+def fsdp_plugin(t: TrainingConfig):
+    """accelerate's FSDP2 plugin for ``training.fsdp``: every decoder layer its own shard group (the classes of
+    the model's ``_no_split_modules``, set when the model is prepared), full state dicts for the HF folder."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    offload = None
+    if t.fsdp_cpu_offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=t.fsdp == "full_shard", auto_wrap_policy="transformer_based_wrap",
+        cpu_offload=offload or False, state_dict_type="FULL_STATE_DICT", activation_checkpointing=False)
+
+
 def setup_accelerator(t: TrainingConfig):
-    """Create the Accelerator for this process: plain, DDP (gloo on CPU) or DeepSpeed."""
+    """Create the Accelerator for this process: plain, DDP (gloo on CPU), DeepSpeed or FSDP2."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DeepSpeedPlugin, set_seed
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, set_seed
 
     mixed_precision = resolve_mixed_precision(t.mixed_precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if t.deepspeed and "RANK" not in os.environ:
-        # DeepSpeed needs a process group even for one process: make this process a group of one
+    if (t.deepspeed or t.fsdp) and "RANK" not in os.environ:
+        # DeepSpeed and FSDP need a process group even for one process: make this process a group of one
         from alignkit.launch import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -83,12 +98,22 @@ def setup_accelerator(t: TrainingConfig):
             raise TrainingError("training.deepspeed is set but DeepSpeed is not installed: pip install alignkit[deepspeed]") from e
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(t, mixed_precision))
         plugin.set_mixed_precision(mixed_precision)
+    fsdp = fsdp_plugin(t) if t.fsdp else None
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         deepspeed_plugin=plugin,
+        fsdp_plugin=fsdp,
         cpu=cpu_multi and plugin is None,
     )
+    if fsdp is not None and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate turns FSDP on only for GPU-like devices; torch's FSDP2 itself runs on CPU with gloo, so
+        # set what accelerate would have set (its FSDP2 prepare, clipping and state-dict paths then apply)
+        if mixed_precision != "no":
+            fsdp.set_mixed_precision(mixed_precision)
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = fsdp
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what a later state copies
     if world > 1 and accelerator.num_processes > 1 and accelerator.distributed_type.value == "NO":
         raise TrainingError("accelerate did not initialise distributed training across "
                             f"{world} processes; check the launcher environment (WORLD_SIZE, MASTER_ADDR).")
@@ -98,6 +123,21 @@ def setup_accelerator(t: TrainingConfig):
 
 def is_deepspeed(accelerator) -> bool:
     return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def is_fsdp2(accelerator) -> bool:
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def plan_fsdp2(accelerator, model: torch.nn.Module) -> None:
+    """Before an FSDP2 model is prepared: shard each decoder layer on its own, also when the model is wrapped
+    (LoRA, PPO's policy-and-critic module), whose wrapper does not name its layer classes itself."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is not None:
+        return
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    present = {type(m).__name__ for m in model.modules()}
+    plugin.transformer_cls_names_to_wrap = sorted(names & present)
 
 
 def zero_stage(accelerator) -> int:
@@ -114,7 +154,7 @@ def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """Place a frozen model (reference, teacher, reward) for inference on this process.
 
     Under ZeRO-3 it is partitioned like the policy (its own DeepSpeed engine, no optimizer);
-    otherwise it is simply moved to the device.
+    otherwise (FSDP2 included: a whole copy on each process) it is simply moved to the device.
     """
     model.eval()
     for p in model.parameters():

@@ -13,7 +13,10 @@ Nothing in a checkpoint can run code when it is loaded (a shared checkpoint is u
   ``scaler.json`` (fp16 loss scale): plain JSON;
 - under DeepSpeed, ``trainer_state/deepspeed/``: DeepSpeed's own checkpoint (partitioned weights and
   optimizer), which DeepSpeed unpickles; every file in it is first read with ``weights_only=True`` and the
-  checkpoint is refused unless all of them pass (only tensors and plain containers).
+  checkpoint is refused unless all of them pass (only tensors and plain containers);
+- under FSDP2, the same ``model.safetensors`` and ``optimizer.pt``, gathered from the shards into full
+  tensors keyed by parameter name (torch's distributed state-dict API), and ``fsdp.json`` marking them;
+  every process reads them back and keeps its own shard.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from alignkit.config import RunConfig, TrainingConfig
 from alignkit.errors import TrainingError
-from alignkit.training.accelerator import is_deepspeed, zero_stage
+from alignkit.training.accelerator import is_deepspeed, is_fsdp2, zero_stage
 
 logger = logging.getLogger("alignkit")
 
@@ -291,7 +294,8 @@ def lock_output_dir(accelerator, output_dir: str | Path) -> None:
 # schedule, method), so a resume with it changed would silently mix two runs.
 RESUMABLE_TRAINING = {"output_dir", "overwrite_output_dir", "resume", "max_steps", "num_epochs", "logging_steps",
                       "eval_steps", "save_steps", "save_total_limit", "report_to", "wandb_project", "run_name",
-                      "max_nonfinite_updates", "dataloader_num_workers", "zero_offload"}
+                      "max_nonfinite_updates", "dataloader_num_workers", "zero_offload",
+                      "fsdp_cpu_offload"}
 RESUMABLE_METHOD = {"log_samples", "eval_before", "eval_kl_to_teacher", "generation.batch_size", "generation.share_prefill",
                     "generation.zero3_gather", "generation.vllm_gpu_memory_utilization", "reward.model_batch_size",
                     "reward.url_timeout", "reward.url_retries"}
@@ -421,15 +425,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _trained_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The state dict (or only the parameters that train), by name; tensors sharing storage saved once."""
+def _trained_tensors(model: torch.nn.Module, trainable_only: bool,
+                     full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict (or only the parameters that train), by name; tensors sharing storage saved once.
+    ``full``: the state dict gathered from FSDP2 shards (one copy per name), to pick from instead."""
     from alignkit.models import unwrap_model
 
     inner = unwrap_model(model)
     if trainable_only:
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+        if full is not None:
+            named = [(n, full[n]) for n, _ in named if n in full]
     else:
-        named = list(inner.state_dict(keep_vars=True).items())
+        named = list((full if full is not None else inner.state_dict(keep_vars=True)).items())
     out, seen = {}, set()
     for name, t in named:
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
@@ -452,6 +460,23 @@ def save_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *
     if is_deepspeed(acc):  # a collective: partitioned weights and optimizer, one file per rank
         model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False,
                               exclude_frozen_parameters=trainable_only)
+    elif is_fsdp2(acc):  # a collective: the shards gathered into full tensors on the main process
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # copies: on CPU the gathered tensors may share storage with FSDP's own (see full_state_dict), and
+        # tied weights become one tensor per name, as loading by name wants them
+        weights = {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
+        if acc.is_main_process:
+            save_file(_trained_tensors(model, trainable_only, full=weights), str(folder / "model.safetensors"))
+            torch.save(optim, folder / "optimizer.pt")
+            (folder / FSDP_MARK).write_text(json.dumps({"fsdp": acc.state.fsdp_plugin.reshard_after_forward,
+                                                       "processes": acc.num_processes}))
     elif acc.is_main_process:
         save_file(_trained_tensors(model, trainable_only), str(folder / "model.safetensors"))
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
@@ -461,6 +486,32 @@ def save_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *
             (folder / "scaler.json").write_text(json.dumps(acc.scaler.state_dict()))
     (folder / f"rng_state_{acc.process_index}.json").write_text(json.dumps(_rng_state()))
     acc.wait_for_everyone()
+
+
+FSDP_MARK = "fsdp.json"  # in trainer_state/ of a checkpoint written under FSDP2
+
+
+def _check_keys(folder: Path, missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        raise TrainingError(f"{folder}/model.safetensors does not match this model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}): the checkpoint is of another model or "
+                            "finetune mode; start a new run instead.")
+
+
+def _load_fsdp2(model, optimizer, tensors: dict[str, torch.Tensor], optim: dict, folder: Path, *,
+                trainable_only: bool) -> None:
+    """Full tensors by name into an FSDP2 model and optimizer: each process keeps its own shard. A collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    trained = {n for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    known = set(model.state_dict())
+    _check_keys(folder, sorted(trained - set(tensors)), sorted(set(tensors) - known))
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=not trainable_only))
+    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
 
 
 def load_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *, trainable_only: bool) -> None:
@@ -489,20 +540,24 @@ def load_trainer_state(accelerator, model, optimizer, scheduler, folder: Path, *
     else:
         if (folder / "deepspeed").is_dir():
             raise TrainingError(f"{folder}: written under DeepSpeed; resume it with the same training.deepspeed.")
+        if is_fsdp2(acc) != (folder / FSDP_MARK).is_file():
+            raise TrainingError(f"{folder}: written {'without' if is_fsdp2(acc) else 'under'} FSDP2; resume it with "
+                                "the same training.fsdp as the run that wrote it, or start a new run from its model "
+                                f"folder (model.name_or_path={folder.parent}).")
         try:
             tensors = load_file(str(folder / "model.safetensors"))
         except Exception as e:  # SafetensorError: a damaged file that damaged_file() did not catch up front
             raise TrainingError(f"{folder / 'model.safetensors'} is damaged ({type(e).__name__}: {e}); resume from "
                                 "an earlier checkpoint of that run (training.resume=<checkpoint-N>).") from None
         inner = unwrap_model(model)
-        result = inner.load_state_dict(tensors, strict=False)
-        expected = _trained_tensors(model, trainable_only).keys()
-        missing = [k for k in result.missing_keys if k in expected]
-        if missing or result.unexpected_keys:
-            raise TrainingError(f"{folder}/model.safetensors does not match this model (missing {missing[:3]}, "
-                                f"unexpected {result.unexpected_keys[:3]}): the checkpoint is of another model or "
-                                "finetune mode; start a new run instead.")
-        optimizer.load_state_dict(safe_torch_load(folder / "optimizer.pt"))
+        if is_fsdp2(acc):
+            _load_fsdp2(model, optimizer, tensors, safe_torch_load(folder / "optimizer.pt"), folder,
+                        trainable_only=trainable_only)
+        else:
+            result = inner.load_state_dict(tensors, strict=False)
+            expected = _trained_tensors(model, trainable_only).keys()
+            _check_keys(folder, [k for k in result.missing_keys if k in expected], result.unexpected_keys)
+            optimizer.load_state_dict(safe_torch_load(folder / "optimizer.pt"))
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
     if acc.scaler is not None and (folder / "scaler.json").is_file():
         acc.scaler.load_state_dict(json.loads((folder / "scaler.json").read_text()))
@@ -539,6 +594,17 @@ def no_space_error(partial: Path, doing: str) -> Iterator[None]:
             "space, lower training.save_total_limit, or point training.output_dir at a larger disk.") from None
 
 
+def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """The whole state dict of a ZeRO-3 or FSDP2 model on the main process (empty on the others). A collective.
+
+    On CPU, FSDP2's gathered tensors can share storage with its own buffers, which it frees when it reshards:
+    they are copied."""
+    state_dict = accelerator.get_state_dict(model)
+    if is_fsdp2(accelerator) and accelerator.device.type == "cpu":
+        state_dict = {k: v.clone() for k, v in state_dict.items()}
+    return state_dict
+
+
 class Checkpointer:
     """Atomic checkpoints: write ``.tmp-checkpoint-N``, then rename to ``checkpoint-N``.
 
@@ -556,11 +622,12 @@ class Checkpointer:
         self.trainable_only = is_peft_model(model)
 
     def save_model(self, path: Path) -> None:
-        """A normal HF folder (model or adapter + tokenizer + config), from every process (ZeRO-3 gathers)."""
+        """A normal HF folder (model or adapter + tokenizer + config), from every process (ZeRO-3 and FSDP2
+        gather the full weights to the main process)."""
         from alignkit.models import save_model
 
         acc = self.accelerator
-        state_dict = acc.get_state_dict(self.model) if zero_stage(acc) == 3 else None
+        state_dict = full_state_dict(acc, self.model) if zero_stage(acc) == 3 or is_fsdp2(acc) else None
         if acc.is_main_process:
             save_model(acc.unwrap_model(self.model), self.tokenizer, path, state_dict=state_dict)
             self.cfg.save(path / CONFIG_FILE)

@@ -27,7 +27,7 @@ import torch
 
 from alignkit.config import RunConfig
 from alignkit.errors import TrainingError
-from alignkit.training.accelerator import any_process, is_deepspeed, reduce_sum
+from alignkit.training.accelerator import any_process, is_deepspeed, is_fsdp2, plan_fsdp2, reduce_sum
 from alignkit.training.batches import BatchStream, eval_batches, to_device
 from alignkit.training.checkpoint import (
     Checkpointer,
@@ -221,6 +221,8 @@ def start_training(accelerator, cfg: RunConfig, model: torch.nn.Module, tokenize
     model.train()
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_updates)
+    if is_fsdp2(accelerator):
+        plan_fsdp2(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by us, once per update
     checkpointer = checkpointer_cls(accelerator, model, optimizer, scheduler, tokenizer, cfg, method_state)
     state = TrainState()
