@@ -120,6 +120,44 @@ def test_zero3_divides_weights_and_optimizer_state_by_the_gpus(tiny_model_dir):
     assert part(offload, "optimizer", "optimizer states (AdamW m, v)") == 0
 
 
+def test_fsdp2_full_shard_shards_like_zero3_with_fp32_masters_as_the_parameters(tiny_model_dir):
+    """FSDP2 full_shard divides weights, gradients and optimizer state by the processes like ZeRO-3; under bf16
+    accelerate upcasts what trains to fp32 (no separate master copy), and a frozen reference is whole on each."""
+    arch = arch_of(str(tiny_model_dir))
+    one = estimate(cfg_of("sft", tiny_model_dir, "training.fsdp=full_shard"), 1, 80, suggest=False)
+    four = estimate(cfg_of("sft", tiny_model_dir, "training.fsdp=full_shard"), 4, 80, suggest=False)
+    zero3 = estimate(cfg_of("sft", tiny_model_dir, "training.deepspeed=zero3"), 4, 80, suggest=False)
+    assert "FSDP2 full_shard" in four.setup and "fp32 master weights" not in four.phases["optimizer"]
+    for name in ("policy weights", "optimizer states (AdamW m, v)", "gradients"):
+        assert part(four, "optimizer", name) == pytest.approx(part(one, "optimizer", name) / 4), name
+    assert part(four, "optimizer", "policy weights") == pytest.approx(4 * arch.params / 4)  # fp32, sharded
+    # weights + m + v: 12 bytes per parameter over the processes, as ZeRO-3's bf16 weights + fp32 master + m + v
+    # hold 14 (the fp32 weights are the masters)
+    fsdp_state = sum(part(four, "optimizer", k) for k in ("policy weights", "optimizer states (AdamW m, v)"))
+    zero3_state = sum(part(zero3, "optimizer", k) for k in ("policy weights", "optimizer states (AdamW m, v)",
+                                                              "fp32 master weights"))
+    assert fsdp_state == pytest.approx(12 * arch.params / 4) and zero3_state == pytest.approx(14 * arch.params / 4)
+    assert part(four, "train", "FSDP2 gathered weights") > 0
+    offload = estimate(cfg_of("sft", tiny_model_dir, "training.fsdp=full_shard", "training.fsdp_cpu_offload=true"), 4,
+                       80, suggest=False)
+    assert part(offload, "optimizer", "policy weights") == part(offload, "optimizer", "gradients") == 0
+    dpo = estimate(cfg_of("dpo", tiny_model_dir, "training.fsdp=full_shard", "dpo.precompute_ref_logps=false"), 4, 80,
+                   suggest=False)
+    assert dpo.phases["train"]["reference model"] == 2 * arch.params  # replicated, not sharded
+
+
+def test_fsdp2_suggestions_stay_with_fsdp(tiny_model_dir):
+    from alignkit.estimate.command import candidate_changes
+
+    sets = candidate_changes(cfg_of("sft", tiny_model_dir, "training.fsdp=shard_grad_op"), 2, "cuda")
+    assert ["training.fsdp=full_shard"] in sets and ["training.fsdp_cpu_offload=true"] in sets
+    assert not any(x.startswith("training.deepspeed") for s in sets for x in s)  # would be refused with fsdp
+    # SmolLM2-135M's 30 layers (its preset when the asset is not cached): two gathered at a time with full_shard
+    gathered = estimate(cfg_of("sft", "smollm2-135m-instruct", "training.fsdp=shard_grad_op"), 2, 80, suggest=False)
+    sharded = estimate(cfg_of("sft", "smollm2-135m-instruct", "training.fsdp=full_shard"), 2, 80, suggest=False)
+    assert part(gathered, "train", "FSDP2 gathered weights") > part(sharded, "train", "FSDP2 gathered weights")
+
+
 def test_kv_cache_formula():
     arch = arch_of("Qwen/Qwen2-7B")  # a preset: no Hub needed
     assert (arch.layers, arch.kv_heads, arch.head_dim) == (28, 4, 128)

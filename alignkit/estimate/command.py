@@ -66,7 +66,12 @@ def candidate_changes(cfg: RunConfig, gpus: int, device: str) -> list[list[str]]
     if m.finetune != "qlora" and device == "cuda":
         out.append(["model.finetune=qlora"])
     stage = int(t.deepspeed[-1]) if t.deepspeed in ("zero1", "zero2", "zero3") else 0
-    if not t.deepspeed or stage:
+    if t.fsdp:  # FSDP2's own ways down; a DeepSpeed suggestion would conflict with it
+        if t.fsdp != "full_shard":
+            out.append(["training.fsdp=full_shard"])
+        if not t.fsdp_cpu_offload:
+            out.append(["training.fsdp_cpu_offload=true"])
+    elif not t.deepspeed or stage:
         for higher in range(max(stage + 1, 2 if gpus > 1 else 3), 4):
             out.append([f"training.deepspeed=zero{higher}"])
         if stage >= 2 and not t.zero_offload:

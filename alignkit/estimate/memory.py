@@ -39,18 +39,27 @@ class Setup:
     weight_bytes: int  # model.dtype
     compute_bytes: int  # activations: 2 under bf16/fp16 autocast, else the weight dtype
     mixed: str  # no | bf16 | fp16
-    stage: int  # DeepSpeed ZeRO stage, 0 = none
-    offload: bool  # ZeRO-2/3 optimizer (and ZeRO-3 parameter) offload to CPU
+    stage: int  # DeepSpeed ZeRO stage, 0 = none; FSDP2: 3 (full_shard) or 2 (shard_grad_op), see fsdp
+    offload: bool  # ZeRO-2/3 optimizer (and ZeRO-3 parameter) offload to CPU; FSDP2's CPU offload
+    fsdp: bool = False  # PyTorch FSDP2 instead of DeepSpeed (stage: the ZeRO stage its memory matches)
 
     @property
     def ds_half(self) -> bool:
         """DeepSpeed with bf16/fp16 casts every parameter to 2 bytes and keeps fp32 masters in the optimizer."""
-        return self.stage > 0 and self.mixed in ("bf16", "fp16")
+        return self.stage > 0 and not self.fsdp and self.mixed in ("bf16", "fp16")
+
+    @property
+    def zero3(self) -> bool:
+        """DeepSpeed ZeRO-3 itself (its partitioned frozen engines, per-layer fetch limits, zero3_gather)."""
+        return self.stage == 3 and not self.fsdp
 
     @property
     def label(self) -> str:
         zero = f"ZeRO-{self.stage}{' + offload' if self.offload else ''}" if self.stage else (
             "DDP" if self.gpus > 1 else "one process")
+        if self.fsdp:
+            mode = "full_shard" if self.stage == 3 else "shard_grad_op"
+            zero = f"FSDP2 {mode} (~ZeRO-{self.stage}){' + CPU offload' if self.offload else ''}"
         dtype = {2: "bf16", 4: "fp32"}[self.weight_bytes]
         return f"{zero}, weights {dtype}, mixed precision {self.mixed}"
 
@@ -61,6 +70,11 @@ def setup_of(cfg: RunConfig, gpus: int, device: str) -> Setup:
     weight_bytes = (2 if device == "cuda" else 4) if dtype == "auto" else _DTYPE_BYTES[dtype]
     mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if device == "cuda" else "no")
     stage, offload = 0, False
+    if t.fsdp:  # full_shard shards parameters, gradients and optimizer state like ZeRO-3; shard_grad_op keeps
+        # the parameters gathered from forward to backward, so its peak is ZeRO-2's
+        return Setup(device=device, gpus=gpus, weight_bytes=weight_bytes,
+                     compute_bytes=2 if mixed in ("bf16", "fp16") else weight_bytes, mixed=mixed,
+                     stage=3 if t.fsdp == "full_shard" else 2, offload=t.fsdp_cpu_offload, fsdp=True)
     if t.deepspeed in ("zero1", "zero2", "zero3"):
         stage, offload = int(t.deepspeed[-1]), t.zero_offload and t.deepspeed != "zero1"
     elif t.deepspeed:
@@ -97,6 +111,8 @@ def trained_model(arch: Arch, cfg: RunConfig, s: Setup) -> Trained:
     """Weights on one GPU and trainable parameters of ``arch`` trained with ``model.finetune``."""
     m = cfg.model
     w = 2 if s.ds_half else s.weight_bytes
+    if s.fsdp and s.mixed != "no":  # accelerate upcasts what trains to fp32 (FSDP2 computes in bf16/fp16)
+        w = 4
     if m.finetune == "full":
         full = arch.params * w
         trained = Trained(weights=full, trainable=arch.params, param_bytes=w, largest=arch.largest,
@@ -114,17 +130,20 @@ def trained_model(arch: Arch, cfg: RunConfig, s: Setup) -> Trained:
         trained = Trained(weights=base + n_lora * lora_bytes, trainable=n_lora, param_bytes=lora_bytes,
                           largest=largest, layer_params=arch.layer_params, lora=targets,
                           full=base + n_lora * lora_bytes)
-    if s.stage == 3:
+    if s.stage == 3 or s.fsdp:  # FSDP2's shard_grad_op shards them at rest too
         trained.weights = 0.0 if s.offload else trained.weights / s.gpus
     return trained
 
 
 def optimizer_states(t: Trained, s: Setup) -> dict[str, float]:
-    """Resident optimizer memory per GPU: AdamW's m and v (and DeepSpeed's fp32 master weights)."""
+    """Resident optimizer memory per GPU: AdamW's m and v (and DeepSpeed's fp32 master weights; FSDP2's
+    sharded parameters are the fp32 masters themselves)."""
     if s.stage == 0:
         return {"optimizer states (AdamW m, v)": 2 * t.trainable * t.param_bytes}
     if s.offload:
         return {"optimizer states (AdamW m, v)": 0.0}
+    if s.fsdp:
+        return {"optimizer states (AdamW m, v)": 2 * t.trainable * t.param_bytes / s.gpus}
     out = {"optimizer states (AdamW m, v)": 8 * t.trainable / s.gpus}
     if s.ds_half:
         out["fp32 master weights"] = 4 * t.trainable / s.gpus
@@ -135,6 +154,8 @@ def gradient_bytes(t: Trained, s: Setup) -> float:
     """Gradients per GPU during backward: the full set without ZeRO-2/3, a 1/N partition with them."""
     if s.stage == 0:
         return t.trainable * t.param_bytes
+    if s.fsdp:  # reduce-scattered into the parameters' dtype; offloaded to CPU with fsdp_cpu_offload
+        return 0.0 if s.offload else t.trainable * t.param_bytes / s.gpus
     g = 2 if s.ds_half else 4
     return t.trainable * g / (s.gpus if s.stage >= 2 else 1)
 
@@ -148,6 +169,9 @@ def step_temporaries(t: Trained, s: Setup) -> float:
         return n * t.param_bytes
     if s.offload:
         return 0.0
+    if s.fsdp:  # the foreach AdamW of the shards (CUDA), the single-tensor loop on CPU
+        n = t.trainable / s.gpus if s.device == "cuda" else 2 * t.largest / s.gpus
+        return n * t.param_bytes
     return 8 * t.trainable / s.gpus if s.ds_half else 4 * t.trainable / s.gpus
 
 
@@ -155,21 +179,29 @@ def gradient_buffers(t: Trained, s: Setup) -> tuple[str, float]:
     """Communication buffers for gradients: DDP's buckets (a full copy), DeepSpeed ZeRO-2/3's reduce bucket."""
     if s.stage == 0:
         return "DDP gradient buckets", (t.trainable * t.param_bytes if s.gpus > 1 else 0.0)
+    if s.fsdp:  # one layer's unsharded gradients and their reduce-scatter output at a time
+        return "FSDP2 reduce-scatter buffers", 2 * t.layer_params * t.param_bytes
     if s.stage >= 2:
         return "DeepSpeed reduce bucket", DS_REDUCE_BUCKET * (2 if s.ds_half else 4)
     return "DeepSpeed reduce bucket", 0.0
 
 
 def frozen_weights(arch: Arch, dtype_bytes: int, s: Setup) -> float:
-    """A frozen model (reference, reward model, teacher) on one GPU: whole in its dtype, or a ZeRO-3
+    """A frozen model (reference, reward model, teacher) on one GPU: whole in its dtype (FSDP2 too), or a ZeRO-3
     partitioned engine (cast to 2 bytes under bf16/fp16)."""
-    if s.stage == 3:
+    if s.zero3:
         return arch.params * (2 if s.ds_half else dtype_bytes) / s.gpus
     return arch.params * dtype_bytes
 
 
 def zero3_working_set(arch: Arch, s: Setup) -> float:
-    """Parameters ZeRO-3 gathers during a forward/backward: the current and the prefetched layer."""
+    """Parameters ZeRO-3 gathers during a forward/backward: the current and the prefetched layer. FSDP2
+    full_shard: the same two layers in the compute dtype, and the embeddings and head, which stay gathered
+    from the forward to the backward; shard_grad_op: every weight gathered in the compute dtype."""
+    if s.fsdp:
+        if s.stage == 3:
+            return (2 * arch.layer_params + arch.params - arch.layers * arch.layer_params) * s.compute_bytes
+        return arch.params * s.compute_bytes
     if s.stage != 3:
         return 0.0
     return min(2 * arch.layer_params, DS_MAX_LIVE_PARAMETERS) * (2 if s.ds_half else s.weight_bytes)
@@ -467,12 +499,12 @@ def _describe(arch: Arch, how: str) -> str:
 def _policy_line(arch: Arch, cfg: RunConfig, t: Trained, s: Setup) -> str:
     m = cfg.model
     how = {"full": "full fine-tuning", "lora": f"LoRA r={m.lora_r}", "qlora": f"QLoRA (NF4) + LoRA r={m.lora_r}"}
-    where = f", ZeRO-3 partitioned over {s.gpus}" if s.stage == 3 else ""
+    where = f", {'FSDP2 sharded' if s.fsdp else 'ZeRO-3 partitioned'} over {s.gpus}" if s.stage == 3 else ""
     return _describe(arch, f"{how[m.finetune]}, {t.trainable / 1e6:.2f}M trainable{where}")
 
 
 def _frozen_line(arch: Arch, dtype_bytes: int, s: Setup) -> str:
-    if s.stage == 3:
+    if s.zero3:
         return _describe(arch, f"frozen, a ZeRO-3 partitioned engine ({frozen_weights(arch, dtype_bytes, s) / GIB:.2f} "
                                "GiB per GPU)")
     return _describe(arch, f"frozen copy, {'bf16' if dtype_bytes == 2 else 'fp32'}")
@@ -500,7 +532,7 @@ def _train_phase(plan: _Plan, t: Trained, s: Setup, arch: Arch, acts: float, log
     if bucket and s.stage >= 2:  # DDP's buckets are resident (allocated with the DDP wrapper)
         parts[bucket_name] = bucket
     if work:
-        parts["ZeRO-3 gathered layers"] = work
+        parts["FSDP2 gathered weights" if s.fsdp else "ZeRO-3 gathered layers"] = work
     plan.phase("train", parts)
     plan.phase("optimizer", {"gradients": grads, "optimizer step temporaries": step_temporaries(t, s)})
 
@@ -573,7 +605,8 @@ def _head_path(cfg: RunConfig, s: Setup) -> str:
     if method == "seqkd":
         return "cross_entropy"
     chunked = getattr(cfg.method_args, "chunked_logps", True)
-    return "chunked" if chunked and s.stage != 3 else "full"  # ZeRO-3's partitioned head: full logits
+    # ZeRO-3's partitioned head, and FSDP2's sharded one: full logits
+    return "chunked" if chunked and s.stage != 3 and not s.fsdp else "full"
 
 
 def _precomputes_reference(cfg: RunConfig, s: Setup) -> bool:
@@ -636,15 +669,18 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
             rollout[VLLM_PART] = vllm_share
         if m.finetune != "full":  # LoRA sync: merged copies of the adapted weights
             rollout["vLLM weight sync (merged LoRA copies)"] = sum(i * o for _, i, o in policy.lora) * a
-        if s.stage == 3:
+        if s.zero3:
             rollout["ZeRO-3 gathered policy"] = policy.full if m.finetune != "full" else arch.largest * a
     else:
         rollout["generation KV cache"] = kv_cache_bytes(arch, gen_batch, seq, a)
         if _sampler_logps(cfg, s):  # generate keeps each step's float32 [sequences, V] scores
             rollout["sampler scores (log-probs)"] = 4.0 * gen_batch * response * arch.vocab
         rollout["generation forward"] = inference_workspace(arch, gen_batch, prompt, gen_batch, s) + 3 * 4 * gen_batch * arch.vocab
-        if s.stage == 3:  # the sampler gathers the policy (PPO's critic stays partitioned)
+        if s.zero3:  # the sampler gathers the policy (PPO's critic stays partitioned)
             rollout["ZeRO-3 gathered policy"] = policy.full if g.zero3_gather else zero3_working_set(arch, s)
+        elif s.fsdp:  # the sampler gathers the whole model (PPO's critic too), in the compute dtype
+            rollout["FSDP2 gathered model"] = (arch.params + (critic_arch.params if critic_arch is not None else 0)
+                                               ) * s.compute_bytes
     plan.phase("rollout", rollout)
     # scoring without gradients: old log-probs (+ values), reference, reward model
     scoring = {"policy forward (no grad)": inference_workspace(arch, b, seq, b * (response + 1), s)}
@@ -702,7 +738,7 @@ def _sampling_then_sft(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[st
     sampling = {"sampling model": frozen_weights(sampler_arch, dtype_bytes, s),
                 "generation KV cache": kv_cache_bytes(sampler_arch, gen_batch, prompt + g.max_new_tokens, s.compute_bytes),
                 "generation forward": inference_workspace(sampler_arch, gen_batch, prompt, gen_batch, s)}
-    if s.stage == 3:
+    if s.zero3:
         sampling["ZeRO-3 gathered model"] = sampler_arch.params * 2
     if method == "rejection_sampling" and args.reward.model:
         rm = arch_of(args.reward.model, "seq_cls", key="rejection_sampling.reward.model",
