@@ -62,7 +62,7 @@ def main() -> None:
                           LoraConfig(r=args.lora_rank, target_modules="all-linear")).eval()
     prompts = chat_prompts(tokenizer, args.prompts)
     config = SamplingConfig(sampler="vllm_server", max_new_tokens=args.max_new_tokens, num_samples=args.samples,
-                            temperature=1.0, vllm_max_model_len=512)
+                            temperature=1.0, vllm_max_model_len=512, vllm_kv_cache_gb=0.5)
     start = time.perf_counter()
     sampler = build_sampler(config, tokenizer, model_name_or_path=str(model_dir), dtype="float32", seed=0,
                             policy=lora)  # a LoRA policy: the server starts with --enable-lora

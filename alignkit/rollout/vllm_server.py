@@ -27,12 +27,12 @@ environment, ``--logprobs-mode processed_logprobs --generation-config vllm
 
 from __future__ import annotations
 
-import atexit
 import http.client
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -90,11 +90,14 @@ class Server:
     def where(self) -> str:
         return f"vLLM server {self.url}" + (f" (started here; log {self.log})" if self.log else "")
 
-    def last_log_line(self) -> str:
+    def root_cause(self) -> str:
+        """The first error line of its log (vLLM wraps the root cause in more errors after it), else the last line."""
         if self.log is None or not self.log.exists():
             return ""
         lines = [x for x in self.log.read_text(errors="replace").splitlines() if x.strip()]
-        return lines[-1].strip()[:300] if lines else ""
+        # the root cause comes first; the wrappers after it ("Engine core initialization failed") say less
+        errors = [m.group(0) for x in lines if "WARNING" not in x and (m := re.search(r"\b\w*(Error|Exception): .*", x))]
+        return (errors[0] if errors else lines[-1] if lines else "").strip()[:300]
 
 
 def call(server: Server, path: str, payload: dict | None = None, *, timeout: float, method: str | None = None,
@@ -124,7 +127,7 @@ def call(server: Server, path: str, payload: dict | None = None, *, timeout: flo
                               "overloaded; check its log and load, or raise generation.vllm_server_timeout.") from e
         died = ""
         if server.process is not None and server.process.poll() is not None:
-            died = f"; it exited with code {server.process.returncode}: {server.last_log_line()}"
+            died = f"; it exited with code {server.process.returncode}: {server.root_cause()}"
         raise ServerError(f"{server.where()} is not reachable for {doing} ({reason}){died}: check that `vllm serve` "
                           "runs there and the host and port in generation.vllm_server_urls.") from e
     if not body.strip():
@@ -211,7 +214,18 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the server's own choice
     env.update(VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_terminate_with_parent)
+
+
+def _terminate_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the trainer dies, even by SIGKILL (it has a session of its own,
+    so a Ctrl-C does not reach it; the trainer stops it then)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # noqa: N806
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop(processes: list[subprocess.Popen], grace: float = 20.0) -> None:
@@ -239,7 +253,7 @@ def _wait_healthy(server: Server, timeout: float) -> None:
     while True:
         if server.process is not None and server.process.poll() is not None:
             raise ServerError(f"{server.where()} exited with code {server.process.returncode} while starting: "
-                              f"{server.last_log_line() or 'see its log'}.")
+                              f"{server.root_cause() or 'see its log'}.")
         try:
             call(server, "/health", timeout=HEALTH_TIMEOUT)
             return
@@ -319,8 +333,7 @@ class VLLMServerSampler:
         self.last_sync_seconds: float | None = None
         self.servers: list[Server] = []
         self._processes: list[subprocess.Popen] = []
-        self._finalizer = weakref.finalize(self, _stop, self._processes)
-        atexit.register(self._finalizer)
+        self._finalizer = weakref.finalize(self, _stop, self._processes)  # also runs at exit
         if config.vllm_server_urls:
             self.servers = [Server(url.rstrip("/")) for url in config.vllm_server_urls]
         elif self.sends or not self.distributed:
@@ -384,12 +397,12 @@ class VLLMServerSampler:
             raise ServerError(f"{server.where()} applies the checkpoint's sampling defaults (generation_config="
                               f"{model_config.get('generation_config')!r}), which change the samples behind the "
                               "log-probs' back: restart it with --generation-config vllm.")
-        if EXTENSION not in str((config.get("parallel_config") or {}).get("worker_extension_cls") or "") \
-                and self.weight_sync == "files":
+        extension = EXTENSION in str((config.get("parallel_config") or {}).get("worker_extension_cls") or "")
+        if not extension and self.weight_sync == "files":
             raise ServerError(f"{server.where()} was started without --worker-extension-cls {EXTENSION} (needs "
                               "alignkit installed beside vLLM there), which loads the synced weights: restart it "
                               "with it.")
-        if self.weight_sync == "files":
+        if extension:
             info = call(server, "/collective_rpc", {"method": "alignkit_model_info", "timeout": self.health_timeout},
                         timeout=self.health_timeout, what="the model check")["results"][0]
             server.info.update(info)

@@ -70,7 +70,7 @@ def lora_of(path, rank: int = 4):
 @pytest.fixture(scope="module")
 def sampler(tied_dir, tok):
     config = SamplingConfig(sampler="vllm_server", max_new_tokens=12, num_samples=2, temperature=0.9,
-                            vllm_max_model_len=512)
+                            vllm_max_model_len=512, vllm_kv_cache_gb=0.125)  # the CPU's memory is shared
     sampler = build_sampler(config, tok, model_name_or_path=str(tied_dir), dtype="float32", seed=0,
                             policy=lora_of(tied_dir, rank=8))  # a LoRA policy: the server starts with --enable-lora
     process = sampler.servers[0].process

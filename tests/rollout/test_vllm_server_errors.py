@@ -213,3 +213,20 @@ def test_prompts_spread_over_the_servers_and_the_weights_reach_each(tok, tiny_di
     finally:
         for f in fakes:
             f.close()
+
+
+def test_a_server_that_dies_while_starting_is_one_line_with_its_root_cause(tmp_path):
+    import sys
+
+    from alignkit.rollout.vllm_server import Server, _start, _wait_healthy
+
+    log = tmp_path / "server-0.log"
+    script = ("import sys; print('WARNING ulimit: errors like `OSError: [Errno 24]`'); "
+              "print('ERROR ValueError: Available memory on node 0 (0.89 GiB) is less than requested for kv'); "
+              "print('RuntimeError: Engine core initialization failed. See root cause above.'); sys.exit(1)")
+    process = _start([sys.executable, "-c", script], log)
+    server = Server(f"http://127.0.0.1:{free_port()}", process, log)
+    with pytest.raises(ServerError, match=r"\(started here; log .*server-0.log\) exited with code 1 while starting: "
+                                          r"ValueError: Available memory on node 0 \(0.89 GiB\)"):
+        _wait_healthy(server, timeout=60)
+    assert process.poll() == 1
