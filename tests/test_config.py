@@ -39,6 +39,10 @@ def test_bare_string_source_and_scientific_notation_string():
     ({"training": {"per_device_batch_size": 0}}, "training.per_device_batch_size=0: must be >= 1"),
     ({"sft": {"pakcing": True}}, "did you mean 'packing'?"),
     ({"training": {"deepspeed": "zero4"}}, "zero1, zero2, zero3"),
+    ({"training": {"fsdp": "full"}}, "training.fsdp='full' is not valid (did you mean 'full_shard'?)"),
+    ({"training": {"fsdp": "full_shard", "deepspeed": "zero3"}},
+     "training.fsdp=full_shard and training.deepspeed=zero3 are both set"),
+    ({"training": {"fsdp_cpu_offload": True}}, "training.fsdp_cpu_offload=true needs training.fsdp"),
     ({"data": {"train": [{"ratio": 2}]}}, "missing required key(s) path"),
 ])
 def test_config_errors_name_the_key(raw, needle):
