@@ -329,6 +329,7 @@ class VLLMServerSampler:
         self._frozen_synced: weakref.ref | None = None
         self._adapter_loaded = False
         self._adapter_folder: Path | None = None
+        self._told_merged = False
         self._nccl = None
         self.last_sync_seconds: float | None = None
         self.servers: list[Server] = []
@@ -449,7 +450,7 @@ class VLLMServerSampler:
             small = [s for s in self.servers if (s.info["lora"].get("max_lora_rank") or 0) < rank]
             if small:
                 reason = f"{small[0].url} allows LoRA rank {small[0].info['lora'].get('max_lora_rank')} < {rank}"
-        if reason and not getattr(self, "_told_merged", False):
+        if reason and not self._told_merged:
             logger.warning("vllm_server: the LoRA policy's merged weights go to the servers (%s); only the adapter "
                            "would go with LoRA-enabled servers (--enable-lora --max-lora-rank R, "
                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).", reason)

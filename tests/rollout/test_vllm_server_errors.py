@@ -230,3 +230,47 @@ def test_a_server_that_dies_while_starting_is_one_line_with_its_root_cause(tmp_p
                                           r"ValueError: Available memory on node 0 \(0.89 GiB\)"):
         _wait_healthy(server, timeout=60)
     assert process.poll() == 1
+
+
+def test_a_lora_policy_sends_its_adapter_only_to_lora_servers_else_its_merged_weights(tok, tiny_dir, caplog):
+    from peft import LoraConfig, get_peft_model
+
+    def completion(body):
+        return {"choices": [{"index": 0, "token_ids": [tok.eos_token_id], "logprobs": {"token_logprobs": [-1.0]}}]}
+
+    policy = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapters = []
+
+    def load_adapter(body):  # what vLLM reads from the folder, while the request is in flight
+        folder = Path(body["lora_path"])
+        adapters.append((body, json.loads((folder / "adapter_config.json").read_text())["r"],
+                         sorted(p.name for p in folder.iterdir())))
+        return {}
+
+    for lora_config, expect_adapter in [({"max_lora_rank": 8}, True), (None, False), ({"max_lora_rank": 2}, False)]:
+        loaded, adapters[:] = [], []
+        routes = {**healthy_routes(tiny_dir, loaded=loaded), "/v1/completions": completion,
+                  "/v1/load_lora_adapter": load_adapter}
+        routes["/server_info?config_format=json"]["vllm_config"]["lora_config"] = lora_config
+        fake = FakeVLLM(routes)
+        try:
+            sampler = sampler_for(tok, tiny_dir, fake.url)
+            with caplog.at_level("WARNING", logger="alignkit"):
+                caplog.clear()
+                sampler.generate(policy, [[5, 6]])
+            models = [b["model"] for p, b in fake.requests if p == "/v1/completions"]
+            if expect_adapter:
+                assert loaded == [] and len(adapters) == 1
+                body, rank, files = adapters[0]
+                assert body["lora_name"] == "alignkit-policy" and body["load_inplace"] and rank == 4
+                assert files == ["adapter_config.json", "adapter_model.safetensors"]
+                assert models == ["alignkit-policy"]
+            else:  # the merged weights under the base names, and one warning saying why
+                assert adapters == [] and len(loaded) == 1
+                assert "model.layers.0.self_attn.q_proj.weight" in loaded[0]
+                assert not any("lora" in k for k in loaded[0])
+                assert models == [str(tiny_dir)]
+                assert "merged weights go to the servers" in caplog.text
+            sampler.close()
+        finally:
+            fake.close()
