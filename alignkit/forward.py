@@ -37,6 +37,7 @@ from alignkit.losses.logprobs import default_chunk_rows, linear_logps, selective
 from alignkit.losses.rl import entropy_from_logits
 from alignkit.models import eval_mode, unwrap_model
 from alignkit.rollout import RolloutBatch
+from alignkit.rollout.fsdp2 import is_fsdp_module
 
 logger = logging.getLogger("alignkit")
 
@@ -102,14 +103,9 @@ def _output_head(model) -> torch.nn.Module | None:
             return None
     if any(hasattr(p, "ds_id") for p in head.parameters()):  # ZeRO-3 partitions it; gathered only in its forward
         return None
-    if any(_is_fsdp(m) for m in (head, unwrap_model(model), base)):  # FSDP2 shards it, the same way
+    if any(is_fsdp_module(m) for m in (head, unwrap_model(model), base)):  # FSDP2 shards it, the same way
         return None
     return head
-
-
-def _is_fsdp(module) -> bool:
-    # by class name: FSDP2's fully_shard gives a module a subclass of FSDPModule
-    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
 
 
 @dataclass

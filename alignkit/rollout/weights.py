@@ -2,7 +2,7 @@
 engine (:mod:`alignkit.rollout.vllm`) and vLLM servers (:mod:`alignkit.rollout.vllm_server`).
 
 - :func:`policy_weights`: every weight of a plain model, or of a LoRA model with its adapter folded in;
-  ZeRO-3 gathers one layer at a time. No vLLM import: the training side only.
+  ZeRO-3 gathers one layer at a time, FSDP2 the whole model. No vLLM import: the training side only.
 - :func:`refresh_tied_lm_head`: runs inside vLLM (its model) after a reload.
 - :func:`request_seed`: one seed per prompt, the same for both samplers.
 """
@@ -15,6 +15,7 @@ import torch
 
 from alignkit.config import ConfigError
 from alignkit.models import unwrap_model
+from alignkit.rollout.fsdp2 import is_fsdp_module, unsharded
 from alignkit.rollout.zero3 import gathered
 from alignkit.training.batches import derived_seed
 
@@ -98,9 +99,19 @@ def merged_lora_weights(peft_model: torch.nn.Module) -> Iterator[tuple[str, torc
 
 
 def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """What vLLM's ``reload_weights`` takes for ``model`` (plain, LoRA/QLoRA, DDP/DeepSpeed-wrapped)."""
+    """What vLLM's ``reload_weights`` takes for ``model`` (plain, LoRA/QLoRA, DDP/DeepSpeed-wrapped, FSDP2)."""
     inner = unwrap_model(model)
-    return merged_lora_weights(inner) if hasattr(inner, "peft_config") else full_weights(inner)
+    weights = merged_lora_weights(inner) if hasattr(inner, "peft_config") else full_weights(inner)
+    return _gathered_by_fsdp(inner, weights) if is_fsdp_module(inner) else weights
+
+
+def _gathered_by_fsdp(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights`` of an FSDP2 model, read while it is gathered (a collective: every process syncs); copies,
+    since the gathered tensors are freed when it shards again."""
+    with unsharded(model):
+        for name, tensor in weights:
+            yield name, tensor.clone()
 
 
 def refresh_tied_lm_head(vllm_model: torch.nn.Module) -> bool:

@@ -117,3 +117,47 @@ def test_fsdp_ppo_two_processes_generates_trains_policy_and_critic(tmp_path, tin
     critic = AutoModelForSequenceClassification.from_pretrained(out / "critic")
     assert critic.score.weight.abs().sum() > 0  # the zero-initialised value head trained
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+_WEIGHTS_SCRIPT = """
+import json, sys, torch
+from alignkit.config import TrainingConfig
+from alignkit.rollout.weights import policy_weights
+from alignkit.testing import tiny_llama
+from alignkit.training.accelerator import plan_fsdp2, setup_accelerator
+
+acc = setup_accelerator(TrainingConfig(fsdp="full_shard", mixed_precision="no"))
+model = tiny_llama(seed=0)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+plan_fsdp2(acc, model)
+model, optimizer = acc.prepare(model, optimizer)
+sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
+reference = dict(tiny_llama(seed=0).named_parameters())
+sent = dict(policy_weights(model))
+same = sorted(sent) == sorted(reference) and all(torch.equal(sent[k], reference[k].detach()) for k in reference)
+after = all(type(p).__name__ == "DTensor" for n, p in model.named_parameters() if n in sharded)
+print(json.dumps({"rank": acc.process_index, "sharded": len(sharded), "same": same, "sharded_after": after}))
+"""
+
+
+def test_fsdp_weights_for_vllm_are_the_whole_model_gathered_from_the_shards(tmp_path):
+    """The vllm samplers' weight sync under FSDP2: every process sends the full weights (gathered, copied),
+    and the model is sharded again after."""
+    import os
+    import subprocess
+    import sys
+
+    from alignkit.launch import free_port
+
+    script = tmp_path / "weights.py"
+    script.write_text(_WEIGHTS_SCRIPT)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for r in results:
+        assert r["sharded"] > 0 and r["same"] and r["sharded_after"], r
