@@ -63,7 +63,8 @@ from alignkit.rollout.zero3 import gathered
 logger = logging.getLogger("alignkit")
 
 LORA_NAME = "alignkit-policy"  # the adapter's name on the servers; requests name it as their model
-HEALTH_TIMEOUT = 10.0  # /health, /v1/models, /server_info: a live server answers these at once
+HEALTH_TIMEOUT = 10.0  # /health, /v1/models, the model check: a live server answers these at once
+SERVER_INFO_TIMEOUT = 120.0
 CPU_KV_CACHE_GB = 1.0
 SHARD_BYTES = 2 * 2**30  # safetensors files of at most this size (a sync of a large model streams shards)
 SERVER_FLAGS = ("VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls " + EXTENSION +
@@ -375,7 +376,8 @@ class VLLMServerSampler:
             raise ServerError(f"{server.where()} serves no model: start it with `vllm serve {self.path}`.")
         server.info["model"] = models[0]["id"]
         server.info["max_model_len"] = models[0].get("max_model_len")
-        config = call(server, "/server_info?config_format=json", timeout=self.health_timeout,
+        # its first answer collects the system's environment (pip, lscpu, ...): seconds on a busy machine
+        config = call(server, "/server_info?config_format=json", timeout=min(self.timeout, SERVER_INFO_TIMEOUT),
                       what="/server_info (dev mode)").get("vllm_config") or {}
         model_config = config.get("model_config") or {}
         server.info["lora"] = config.get("lora_config") or None
