@@ -80,7 +80,7 @@ from alignkit.training import (
     setup_accelerator,
     start_training,
 )
-from alignkit.training.accelerator import global_counts
+from alignkit.training.accelerator import any_process, global_counts
 from alignkit.training.batches import BatchStream, derived_seed, minibatches
 from alignkit.training.tracking import MetricSums, cut_jsonl
 
@@ -487,7 +487,7 @@ def run(cfg: RunConfig) -> dict:
         want_logps = args.tis_cap is not None or old_from_sampler
         if multi_turn:
             rollout = sampler.generate_episodes(sample_from, rows, seed=derived_seed(t.seed, state.step, rank),
-                                                logps=want_logps)
+                                                logps=want_logps, any_running=lambda x: any_process(accelerator, x))
             for k, (s, c) in rollout.episodes.metrics().items():
                 metrics.add(k, s, c)
         else:

@@ -64,9 +64,13 @@ class HFSampler:
       tensor per generated token until the batch ends, so ask only when needed.
     """
 
-    def __init__(self, tokenizer, config: SamplingConfig, device: torch.device | str | None = None):
+    def __init__(self, tokenizer, config: SamplingConfig, device: torch.device | str | None = None,
+                 synced_gpus: bool | None = None):
+        """``synced_gpus``: under ZeRO-3, keep every process's generate in step (each runs forwards until all
+        are done); None = only with per-layer fetches (``zero3_gather: false``). Multi-turn rollouts set it,
+        since their processes sample turns of different lengths."""
         config.check()
-        self.tokenizer, self.config, self.device = tokenizer, config, device
+        self.tokenizer, self.config, self.device, self.synced_gpus = tokenizer, config, device, synced_gpus
 
     def sleep(self) -> None:
         """Nothing to free: the training model itself samples (the vLLM sampler frees its memory here)."""
@@ -130,8 +134,9 @@ class HFSampler:
                 ids = pad(chunk, pad_id, side="left").to(device)
                 mask = attention_mask_from_lengths([len(p) for p in chunk], side="left").to(device)
                 cache = _shared_prefill(inner, ids[::k], mask[::k], k) if share else None
+                synced = zero3 and (not gather if self.synced_gpus is None else self.synced_gpus)
                 out = inner.generate(input_ids=ids, attention_mask=mask, **_cache_kwarg(inner, cache),
-                                     generation_config=gen_config, synced_gpus=zero3 and not gather)
+                                     generation_config=gen_config, synced_gpus=synced)
                 sequences = out.sequences if logps else out
                 new_tokens = sequences[:, ids.shape[1]:]
                 responses += new_tokens.tolist()

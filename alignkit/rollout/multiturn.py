@@ -16,8 +16,9 @@ sequence is the log-prob of exactly the token the sampler drew, in the context i
 
 An episode stops when the environment says ``done``, after ``max_turns`` assistant turns, when its tokens
 after the prompt would pass ``max_episode_tokens``, when a turn ends without the end-of-turn token
-(``max_new_tokens``), or when the environment took more than ``timeout_s`` seconds in all; the reason is
-kept per episode (``Episodes.stop``) and counted in the metrics.
+(``max_new_tokens``; the environment still gets that turn and may score it), or when the environment took
+more than ``timeout_s`` seconds in all; the reason is kept per episode (``Episodes.stop``) and counted in
+the metrics.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from alignkit.rollout.environment import (
     parse_assistant_turn,
 )
 from alignkit.rollout.hf import HFSampler
+from alignkit.rollout.zero3 import zero3_params
 
 STOPS = ("done", "max_turns", "token_budget", "no_eos", "timeout")
 
@@ -173,10 +175,18 @@ class MultiTurnSampler:
 
     @torch.no_grad()
     def generate_episodes(self, model: torch.nn.Module, rows: Sequence[Mapping[str, Any]], *, seed: int | None = None,
-                          logps: bool = False) -> Rollout:
+                          logps: bool = False, any_running: Callable[[bool], bool] | None = None) -> Rollout:
         """``num_samples`` episodes per row; returns a :class:`Rollout` whose response is everything after the
-        prompt, with ``action_mask`` (1 on sampled tokens) and ``episodes`` (:class:`Episodes`)."""
+        prompt, with ``action_mask`` (1 on sampled tokens) and ``episodes`` (:class:`Episodes`).
+
+        ``any_running(flag)``: True on every process when ``flag`` is on any (e.g. an all-reduce). With several
+        processes each keeps taking turns (a one-token dummy generate once its own episodes are over) until
+        every process is done, since gathering ZeRO-3 weights for a generate is collective."""
         tok, c, k = self.tokenizer, self.config, self.sampling.num_samples
+        # ZeRO-3 forwards are collective: every process runs one generate per turn (all its episodes in one
+        # batch) and keeps running forwards until every process's turn is over (synced_gpus)
+        zero3 = bool(zero3_params(model))
+        per_turn = dict(num_samples=1, share_prefill=False, **({"batch_size": 0} if zero3 else {}))
         inner = unwrap_model(model)
         eos_ids = eos_token_ids(tok, inner)
         pad_id = pad_token_id(tok, eos_ids)
@@ -196,11 +206,15 @@ class MultiTurnSampler:
                 episodes.append(ep)
             for turn in range(c.max_turns):
                 active = [ep for ep in episodes if ep.stop is None]
-                if not active:
+                if not (any_running(bool(active)) if any_running is not None else active):
                     break
+                if not active:  # other processes still sample: take part in the (collective) generate
+                    HFSampler(tok, replace(self.sampling, max_new_tokens=1, **per_turn), device=self.device,
+                              synced_gpus=True).generate(model, [[pad_id]], seed=seed)
+                    continue
                 room = [min(self.sampling.max_new_tokens, c.max_episode_tokens - len(ep.tokens)) for ep in active]
-                turn_sampler = HFSampler(tok, replace(self.sampling, num_samples=1, share_prefill=False,
-                                                      max_new_tokens=max(room)), device=self.device)
+                turn_sampler = HFSampler(tok, replace(self.sampling, max_new_tokens=max(room), **per_turn),
+                                         device=self.device, synced_gpus=True if zero3 else None)
                 turn_seed = None if seed is None else (seed * 1_000_003 + turn) % 2**63
                 out = turn_sampler.generate(model, [ep.prompt + ep.tokens for ep in active], seed=turn_seed,
                                             logps=logps)
@@ -212,11 +226,10 @@ class MultiTurnSampler:
                     ep.append(ids, True, out.sampler_logps[j, :n].tolist() if logps else None)
                     ep.turns += 1
                     ep.ended_with_eos = bool(ids) and ids[-1] in eos_ids
-                    if not ep.ended_with_eos:  # cut by the turn's max_new_tokens or the episode's budget: no step
+                    if not ep.ended_with_eos:  # cut by the turn's max_new_tokens or the episode's budget: the
+                        # environment still sees (and may score) the cut turn, then the episode ends
                         ep.stop = "no_eos" if n >= self.sampling.max_new_tokens else "token_budget"
-                        ep.messages = ep.messages + [{"role": "assistant", "content": tok.decode(ids)}]
-                        continue
-                    text = tok.decode(ids[:-1], skip_special_tokens=False)
+                    text = tok.decode(ids[:-1] if ep.ended_with_eos else ids, skip_special_tokens=False)
                     message = parse_assistant_turn(tok, text, getattr(ep.env, "tools", None))
                     steps.append((ep, message, pool.submit(_timed, ep.env.step, message)))
                 for ep, message, future in steps:
@@ -228,8 +241,8 @@ class MultiTurnSampler:
                     ep.reward += float(result.reward)
                     ep.tool_calls += int(result.info.get("tool_calls", len(message.get("tool_calls") or [])))
                     ep.tool_errors += int(result.info.get("tool_errors", 0))
-                    if result.done:
-                        ep.stop = "done"
+                    if result.done or ep.stop is not None:
+                        ep.stop = "done" if result.done and ep.stop is None else ep.stop
                         continue
                     if turn + 1 == c.max_turns:
                         ep.stop = "max_turns"

@@ -192,3 +192,51 @@ def test_environment_config_errors_name_the_keys(tmp_path, ending_model_dir, pro
                environment={"factory": env_spec, "max_turns": 0})
     with pytest.raises(ConfigError, match="grpo.reward: no reward source"):
         _train("grpo", ending_model_dir, prompts, tmp_path / "b", env_spec, environment={"factory": None})
+
+
+RANKED_ENV = ENV + '''
+
+import os
+
+
+class ByRank(TwoTurns):
+    """Process 0's episodes end after one turn, process 1's take three: the processes take different numbers of
+    turns, and ZeRO-3's weight gathering per generate is collective."""
+
+    def step(self, message):
+        result = super().step(message)
+        result.done = os.environ.get("RANK") == "0" or self.turn >= 3
+        return result
+
+
+def make_ranked_env(row):
+    return ByRank()
+'''
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("distributed")
+def test_zero3_two_processes_with_different_numbers_of_turns(tmp_path, ending_model_dir, prompts):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    env_file = tmp_path / "ranked.py"
+    env_file.write_text(RANKED_ENV)
+    cfg = {"model": {"name_or_path": str(ending_model_dir), "dtype": "float32"},
+           "data": {"train": [str(prompts)], "max_length": 64},
+           "training": {"output_dir": str(tmp_path / "z3"), "max_steps": 2, "per_device_batch_size": 4,
+                        "learning_rate": 1e-2, "report_to": ["jsonl"], "seed": 0, "mixed_precision": "no"},
+           "grpo": {"generation": {"max_new_tokens": 8, "num_samples": 2}, "rollout_batch_size": 2, "kl_coef": 0.0,
+                    "environment": {"factory": f"{env_file}:make_ranked_env", "max_turns": 3}}}
+    path = tmp_path / "z3.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", "grpo", str(path), "--num-processes", "2",
+                           "--deepspeed", "zero3"], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = _metrics(tmp_path / "z3")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["env/turns"] > 1  # averaged over both processes: process 1 took more than one turn
