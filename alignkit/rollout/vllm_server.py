@@ -511,16 +511,16 @@ class VLLMServerSampler:
             return
         if shard or index == 0:
             save_file(shard, str(folder / f"model-{index:05d}.safetensors"))
+        def reload(server: Server) -> None:
+            out = call(server, "/collective_rpc", {"method": "alignkit_reload_weights", "kwargs": {"path": str(folder)},
+                                                   "timeout": self.timeout},
+                       timeout=self.timeout, what=f"the weight reload from {folder}")
+            if any(isinstance(r, dict) and r.get("missing") for r in out.get("results") or []):
+                raise ServerError(f"{server.where()} cannot read the weights alignkit wrote to {folder}: on another "
+                                  "machine, set generation.vllm_server_sync_dir to a folder both machines see.")
+
         try:
-            _each(self.servers, lambda s: call(s, "/collective_rpc", {"method": "alignkit_reload_weights",
-                                                                      "kwargs": {"path": str(folder)},
-                                                                      "timeout": self.timeout},
-                                               timeout=self.timeout, what=f"the weight reload from {folder}"))
-        except ServerError as e:
-            if "No such file" in str(e) or "not found" in str(e).lower() or "does not exist" in str(e):
-                raise ServerError(f"{e} The server must read {folder}: on another machine set "
-                                  "generation.vllm_server_sync_dir to a folder both see.") from None
-            raise
+            _each(self.servers, reload)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

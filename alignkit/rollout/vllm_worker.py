@@ -18,7 +18,14 @@ class WeightSync:
     """Mixed into vLLM's worker class (``self`` is the worker)."""
 
     def alignkit_reload_weights(self, path: str) -> dict:
-        """Load every ``*.safetensors`` file of the folder ``path`` (HF checkpoint names) in place."""
+        """Load every ``*.safetensors`` file of the folder ``path`` (HF checkpoint names) in place.
+
+        A folder this server cannot see (another machine without a shared filesystem) is answered, not
+        raised: the trainer turns it into one line, and vLLM's model config keeps its path."""
+        import os
+
+        if not os.path.isdir(path) or not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            return {"missing": path}
         self.model_runner.reload_weights(weights_path=path)
         tied = bool(self.model_runner.get_model() is not None and refresh_tied_lm_head(self.model_runner.get_model()))
         return {"tied_lm_head_refreshed": tied}

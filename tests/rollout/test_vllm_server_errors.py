@@ -274,3 +274,25 @@ def test_a_lora_policy_sends_its_adapter_only_to_lora_servers_else_its_merged_we
             sampler.close()
         finally:
             fake.close()
+
+
+def test_a_server_that_cannot_read_the_sync_folder_says_to_share_it(tok, tiny_dir, tmp_path):
+    from alignkit.rollout.vllm_worker import WeightSync
+
+    # the worker extension answers for a folder it cannot see (the server on another machine) ...
+    assert WeightSync.alignkit_reload_weights(object(), str(tmp_path / "elsewhere")) == {
+        "missing": str(tmp_path / "elsewhere")}
+    # ... and the trainer makes it one line
+    routes = healthy_routes(tiny_dir)
+    routes["/collective_rpc"] = lambda body: (
+        {"results": [{"missing": body["kwargs"]["path"]}]} if body["method"] == "alignkit_reload_weights" else
+        healthy_routes(tiny_dir)["/collective_rpc"](body))
+    fake = FakeVLLM(routes)
+    try:
+        sampler = sampler_for(tok, tiny_dir, fake.url)
+        with pytest.raises(ServerError, match=rf"{fake.url} cannot read the weights alignkit wrote to .*weights-1: on "
+                                              "another machine, set generation.vllm_server_sync_dir"):
+            sampler.generate(tiny_llama(), [[5, 6]])
+        sampler.close()
+    finally:
+        fake.close()
