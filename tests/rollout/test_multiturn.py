@@ -185,3 +185,42 @@ def test_environment_factory_from_a_file(tok, tmp_path):
         bad.generate_episodes(model, [{"prompt": "hi"}])
     with pytest.raises(ConfigError, match="environment.max_turns"):
         EnvironmentConfig(max_turns=0).check()
+
+
+def test_a_tool_call_episode_through_the_sampler(tok, monkeypatch):
+    """Scripted turns (a tool call, then the answer): the call is parsed, the tool runs, its result is appended as
+    template tokens, the answer ends the episode with the reward function's score; a malformed call is answered
+    and counted."""
+    from alignkit.rollout import HFSampler, build_rollout
+
+    turns = iter([
+        ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', '<tool_call>{"name": add}</tool_call>'],
+        ["5", "5"],
+    ])
+
+    def scripted(self, model, prompts, *, seed=None, logps=False):
+        texts = next(turns)
+        responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+        return build_rollout(prompts, responses, torch.arange(len(prompts)), [tok.eos_token_id], tok.eos_token_id,
+                             tok, logps=[[-0.5] * len(r) for r in responses] if logps else None)
+
+    monkeypatch.setattr(HFSampler, "generate", scripted)
+    make = lambda row: ToolEnvironment([add], reward=lambda row, msgs: float(msgs[-1]["content"] == "5"))  # noqa: E731
+    model = ending_model(tok)
+    out = sampler(tok, make, num_samples=2, max_new_tokens=64).generate_episodes(
+        model, [{"prompt": "what is 2 + 3?"}], logps=True)
+    ep = out.episodes
+    assert ep.stop == ["done", "done"] and ep.turns.tolist() == [2, 2]
+    assert ep.rewards.tolist() == [1.0, 1.0]
+    assert ep.tool_calls.tolist() == [1, 0] and ep.tool_errors.tolist() == [0, 1]
+    assert ep.messages[0][2] == {"role": "tool", "name": "add", "content": "5"}
+    assert ep.messages[1][2]["content"].startswith("error: malformed tool call")
+    tokens = out.response_ids[0][out.response_mask[0].bool()].tolist()
+    action = out.action_mask[0][out.response_mask[0].bool()].tolist()
+    env_ids = [t for t, a in zip(tokens, action) if not a]
+    assert env_ids == tok("\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    sampled = [t for t, a in zip(tokens, action) if a]
+    first = tok('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', add_special_tokens=False)
+    assert sampled == first["input_ids"] + [tok.eos_token_id] + tok("5", add_special_tokens=False)["input_ids"] + \
+        [tok.eos_token_id]  # the sampled tokens are kept as they were, not re-tokenized
+    assert (out.sampler_logps[0][out.action_mask[0].bool()] == -0.5).all()
