@@ -153,6 +153,9 @@ class OnlineRLConfig:
         self.generation.check(f"{m}.generation")
         self.reward.check(f"{m}.reward", other_sources=self.environment.enabled)
         self.environment.check(f"{m}.environment")
+        if self.environment.enabled and self.generation.sampler != "hf":
+            raise ConfigError(f"{m}.environment: multi-turn episodes run on the hf sampler for now, not "
+                              f"{m}.generation.sampler={self.generation.sampler}; set {m}.generation.sampler=hf.")
         check_choice(f"{m}.kl_penalty", self.kl_penalty, KL_PENALTIES)
         check_choice(f"{m}.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice(f"{m}.loss_agg", self.loss_agg, LOSS_AGGS)
