@@ -2,7 +2,8 @@
 one-line error naming it, never a hang; prompts spread over the servers; the weights go as files.
 
 The fakes listen on 127.0.0.1 only and answer a few routes the way vLLM 0.32 does; the real server is
-tested in tests/rollout/test_vllm_server.py (``make test-vllm``).
+tested in tests/rollout/test_vllm_server.py (``make test-vllm``). Two training processes through the CLI
+sample from two fakes in the last test.
 """
 
 from __future__ import annotations
@@ -296,3 +297,56 @@ def test_a_server_that_cannot_read_the_sync_folder_says_to_share_it(tok, tiny_di
         sampler.close()
     finally:
         fake.close()
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("distributed")
+def test_two_training_processes_share_the_servers_and_process_0_alone_sends_the_weights(tmp_path, tiny_dir):
+    """GRPO with --num-processes 2 against two fake servers: every step one weight reload per server (from
+    process 0; the other waits at the barrier), and both processes' prompts, spread over both servers."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    import yaml
+
+    from alignkit.testing import _WORDS
+
+    rng = random.Random(0)
+
+    def completion(body):  # random words of the tiny vocabulary, then eos
+        tokens = [rng.randrange(10, 500) for _ in range(rng.randrange(1, 6))] + [2]
+        return {"choices": [{"index": j, "token_ids": tokens, "logprobs": {"token_logprobs": [-1.0] * len(tokens)}}
+                            for j in range(body["n"])]}
+
+    loaded = [[], []]
+    fakes = [FakeVLLM({**healthy_routes(tiny_dir, loaded=loaded[i]), "/v1/completions": completion}) for i in range(2)]
+    try:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(_WORDS) for _ in range(4))}) + "\n"
+                                   for _ in range(32)))
+        reward = tmp_path / "length.py"
+        reward.write_text("def length(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
+        cfg = {"model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
+               "data": {"train": [str(prompts)], "max_length": 32},
+               "training": {"output_dir": str(tmp_path / "grpo"), "max_steps": 3, "learning_rate": 1e-3,
+                            "per_device_batch_size": 4, "report_to": ["jsonl"], "mixed_precision": "no"},
+               "grpo": {"generation": {"num_samples": 2, "max_new_tokens": 6, "sampler": "vllm_server",
+                                       "vllm_server_urls": [f.url for f in fakes], "vllm_server_weight_sync": "files"},
+                        "reward": {"functions": [f"{reward}:length"]}, "rollout_batch_size": 2}}
+        path = tmp_path / "grpo.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", "grpo", str(path), "--num-processes", "2"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
+        assert [len(w) for w in loaded] == [3, 3]  # one reload per step and server: process 0 alone sends
+        assert all(set(w) == set(loaded[0][0]) for ws in loaded for w in ws)
+        per_server = [sum(p == "/v1/completions" for p, _ in f.requests) for f in fakes]
+        assert per_server == [6, 6]  # 3 steps x 2 prompts x 2 processes, spread over both servers
+    finally:
+        for f in fakes:
+            f.close()
