@@ -176,3 +176,36 @@ def test_grpo_with_server_rollouts_raises_the_reward(sampler, tied_dir, tmp_path
     print("GRPO reward per step (vllm_server):", curve, "max sampler/trainer |log-prob diff|:", max(mismatch))
     assert len(curve) == 16 and sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.15, curve
     assert max(mismatch) < 1e-3  # the server samples from the policy of every step
+
+
+def test_the_nccl_path_hands_vllm_the_policy_weights(tied_dir, monkeypatch):
+    """GPUs only, so not run here: the glue to vLLM's NCCL trainer engine, with the engine itself stubbed
+    (its source of weights, the group size from the server's parallel config, process 0 as the sender)."""
+    from vllm.distributed.weight_transfer import nccl_engine
+
+    from alignkit.rollout.vllm_server import Server
+    from alignkit.rollout.vllm_server_nccl import NCCLWeightSender
+    from alignkit.rollout.weights import policy_weights
+
+    seen = {}
+
+    class Engine:
+        def __init__(self, info, client, source):
+            seen.update(info=info, client=client, source=source)
+
+        def send_weights(self):
+            seen["sent"] = [(n, t.shape) for n, t in seen["source"]]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nccl_engine.NCCLTrainerWeightTransferEngine, "trainer_init",
+                        classmethod(lambda cls, info, *, client, source: Engine(info, client, source)))
+    policy = policy_of(tied_dir)
+    server = Server("http://127.0.0.1:8000", info={"parallel_config": {"tensor_parallel_size": 2}})
+    sender = NCCLWeightSender(server, policy, timeout=30, sends=True)
+    info = seen["info"]
+    assert (info.master_address, info.world_size, info.rank) == ("127.0.0.1", 3, 0)
+    assert seen["client"].base_url == "http://127.0.0.1:8000"
+    expected = [(n, tuple(t.shape)) for n, t in policy_weights(policy)]
+    assert [(m.name, m.shape) for m in seen["source"].metadata()] == expected
+    sender.send(policy)
+    assert [(n, tuple(s)) for n, s in seen["sent"]] == expected
