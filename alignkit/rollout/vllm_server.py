@@ -115,8 +115,11 @@ def call(server: Server, path: str, payload: dict | None = None, *, timeout: flo
     except urllib.error.HTTPError as e:
         detail = _error_detail(e)
         hint = {500: "; see its log"}
-        hint |= {404: "; start it with " + SERVER_FLAGS} if path.startswith(("/collective_rpc", "/server_info",
-                                                                             "/reset_prefix_cache")) else {}
+        if path.startswith(("/collective_rpc", "/server_info", "/reset_prefix_cache")):
+            hint[404] = "; start it with " + SERVER_FLAGS
+        elif path.startswith("/v1/load_lora_adapter"):
+            hint[404] = ("; start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or set generation.vllm_server_lora: "
+                         "false")
         raise ServerError(f"{server.where()} refused {doing} (HTTP {e.code}: {detail}){hint.get(e.code, '')}.") from None
     except TimeoutError as e:
         raise ServerError(f"{server.where()} did not answer {doing} within {timeout:g} s: it is stuck or overloaded; "
@@ -410,6 +413,9 @@ class VLLMServerSampler:
                         timeout=self.health_timeout, what="the model check")["results"][0]
             server.info.update(info)
             self._check_model(server, info)
+            if info.get("dtype") and info["dtype"] != self.dtype:
+                logger.warning("vllm_server: %s runs in %s, the policy in %s: their log-probs differ by more than "
+                               "rounding (start it with --dtype %s).", server.url, info["dtype"], self.dtype, self.dtype)
 
     def _check_model(self, server: Server, info: dict) -> None:
         from transformers import AutoConfig
