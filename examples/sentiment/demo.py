@@ -107,8 +107,13 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None,
     print(f"PPO: held-out mean reward {before['mean_reward']:+.3f} (SFT model) -> {after['mean_reward']:+.3f} "
           f"(PPO model), KL to the SFT model {_last_kl(Path(stage['ppo']['output_dir'])):.3f}")
     # repetition of the same held-out samples: distinct word pairs / all word pairs (1 = no pair repeats)
-    print(f"PPO: held-out distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f} over all samples, "
-          f"{before['distinct_2_per_response']:.3f} -> {after['distinct_2_per_response']:.3f} within a response")
+    if "distinct_2" in before:  # a reward_before kept from a run before distinct-2 was measured has none
+        print(f"PPO: held-out distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f} over all samples, "
+              f"{before['distinct_2_per_response']:.3f} -> {after['distinct_2_per_response']:.3f} within a response")
+    else:
+        print(f"PPO: held-out distinct-2 {after['distinct_2']:.3f} over all samples, "
+              f"{after['distinct_2_per_response']:.3f} within a response (--from reward_before measures the SFT "
+              "model's too)")
     print(f"\nQ: {answers['question']}\nA (trained policy): {answers['answer']}")
     print(f"Q: {answers['opening']}")
     if "continuation_before" in answers:
