@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from alignkit.errors import AlignkitError
 
 
-class EnvironmentError_(AlignkitError):
+class AgentEnvironmentError(AlignkitError):
     """An environment (or its factory) broke the contract; the message names it and the fix."""
 
 
@@ -123,7 +123,7 @@ def tool_schema(fn: Callable) -> dict:
     try:
         return get_json_schema(fn)
     except Exception as e:
-        raise EnvironmentError_(f"tool {getattr(fn, '__name__', fn)!r} cannot be described to the model ({e}); give "
+        raise AgentEnvironmentError(f"tool {getattr(fn, '__name__', fn)!r} cannot be described to the model ({e}); give "
                                 "it type hints and a docstring with an Args: section.") from e
 
 
@@ -197,7 +197,7 @@ def load_environment(spec: str) -> Callable[[Mapping[str, Any]], Environment]:
     try:
         factory = load_function(spec)
     except AlignkitError as e:
-        raise EnvironmentError_(str(e).replace("reward function", "environment", 1)) from e
+        raise AgentEnvironmentError(str(e).replace("reward function", "environment", 1)) from e
     return factory
 
 
@@ -205,7 +205,7 @@ def make_episode_env(factory: Callable, row: Mapping[str, Any], where: str = "en
     """``factory(row)``, checked against the contract (a clear error naming ``where`` when it is not)."""
     env = factory(row)
     if not (callable(getattr(env, "reset", None)) and callable(getattr(env, "step", None))):
-        raise EnvironmentError_(f"{where}: the factory returned {type(env).__name__}, which has no reset(row) and "
+        raise AgentEnvironmentError(f"{where}: the factory returned {type(env).__name__}, which has no reset(row) and "
                                 "step(message) methods; return an Environment (e.g. alignkit.rollout.environment."
                                 "ToolEnvironment).")
     return env

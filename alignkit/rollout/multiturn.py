@@ -37,7 +37,7 @@ from alignkit.models import unwrap_model
 from alignkit.rollout.batch import Rollout, eos_token_ids, pad_token_id
 from alignkit.rollout.config import SamplingConfig
 from alignkit.rollout.environment import (
-    EnvironmentError_,
+    AgentEnvironmentError,
     StepResult,
     load_environment,
     make_episode_env,
@@ -100,7 +100,7 @@ def _render(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> 
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as e:  # user-supplied template code
-        raise EnvironmentError_(f"the chat template failed on an episode's conversation ({type(e).__name__}: {e}); "
+        raise AgentEnvironmentError(f"the chat template failed on an episode's conversation ({type(e).__name__}: {e}); "
                                 "the template must render the environment's roles (e.g. 'tool') and tools, or set "
                                 "model.chat_template to one that does.") from e
 
@@ -114,7 +114,7 @@ def environment_tokens(tokenizer, conversation: list[dict], replies: list[dict],
     before = _render(tokenizer, conversation, tools, False)
     after = _render(tokenizer, conversation + replies, tools, True)
     if not after.startswith(before):
-        raise EnvironmentError_("the chat template does not render the conversation so far as a prefix of the "
+        raise AgentEnvironmentError("the chat template does not render the conversation so far as a prefix of the "
                                 "conversation with the environment's reply (it rewrites earlier turns), so the "
                                 "reply's tokens cannot be appended; use a template that only appends "
                                 "(model.chat_template).")
@@ -270,7 +270,7 @@ class MultiTurnSampler:
             ep.stop = "timeout"
             return None
         if not isinstance(result, StepResult):
-            raise EnvironmentError_(f"{self.where}: step() returned {type(result).__name__}; return "
+            raise AgentEnvironmentError(f"{self.where}: step() returned {type(result).__name__}; return "
                                     "alignkit.rollout.environment.StepResult(messages, reward, done).")
         return result
 
@@ -317,5 +317,5 @@ def _row_messages(row: Mapping[str, Any], where: str) -> list[dict]:
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list):
         return list(prompt)
-    raise EnvironmentError_(f"{where}: reset() returned None and the row has no 'prompt' (messages or text) to "
+    raise AgentEnvironmentError(f"{where}: reset() returned None and the row has no 'prompt' (messages or text) to "
                             "start the episode from; return the first messages from reset(row).")

@@ -11,7 +11,7 @@ from alignkit.config import ConfigError
 from alignkit.forward import response_forward
 from alignkit.rollout import RolloutBatch, SamplingConfig
 from alignkit.rollout.environment import (
-    EnvironmentError_,
+    AgentEnvironmentError,
     StepResult,
     ToolEnvironment,
     load_environment,
@@ -177,11 +177,11 @@ def test_environment_factory_from_a_file(tok, tmp_path):
         "    return 3\n")
     factory = load_environment(f"{path}:make_env")
     assert factory({}).tools[0]["function"]["name"] == "add"
-    with pytest.raises(EnvironmentError_, match="no function 'missing'"):
+    with pytest.raises(AgentEnvironmentError, match="no function 'missing'"):
         load_environment(f"{path}:missing")
     model = ending_model(tok)
     bad = MultiTurnSampler(tok, SamplingConfig(max_new_tokens=4), EnvironmentConfig(factory=f"{path}:not_an_env"))
-    with pytest.raises(EnvironmentError_, match="has no reset"):
+    with pytest.raises(AgentEnvironmentError, match="has no reset"):
         bad.generate_episodes(model, [{"prompt": "hi"}])
     with pytest.raises(ConfigError, match="environment.max_turns"):
         EnvironmentConfig(max_turns=0).check()
