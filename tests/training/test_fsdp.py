@@ -78,10 +78,11 @@ def test_fsdp_lora_two_processes_trains_resumes_and_saves_a_plain_adapter(tmp_pa
 
 
 def test_fsdp_dpo_with_a_frozen_reference_two_processes_learns(tmp_path, tiny_model_dir):
+    """shard_grad_op (the other mode), and the reference whole on each process."""
     data = write_jsonl(tmp_path / "pref.jsonl", preference_records())
     cfg = _config(tmp_path, tiny_model_dir, data, "dpo", {"beta": 0.1}, method="dpo", per_device_batch_size=2,
                   learning_rate=5e-3, max_steps=6)
-    _run(["train", "dpo", str(cfg), "--num-processes", "2", "--fsdp", "full_shard"], tmp_path)
+    _run(["train", "dpo", str(cfg), "--num-processes", "2", "--fsdp", "shard_grad_op"], tmp_path)
     rows = _metrics(tmp_path / "dpo")
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # the reference is the starting policy
     assert rows[-1]["rewards/margins"] > 0.1 and rows[-1]["loss"] < rows[0]["loss"]
@@ -136,13 +137,23 @@ reference = dict(tiny_llama(seed=0).named_parameters())
 sent = dict(policy_weights(model))
 same = sorted(sent) == sorted(reference) and all(torch.equal(sent[k], reference[k].detach()) for k in reference)
 after = all(type(p).__name__ == "DTensor" for n, p in model.named_parameters() if n in sharded)
-print(json.dumps({"rank": acc.process_index, "sharded": len(sharded), "same": same, "sharded_after": after}))
+x = torch.randint(0, 500, (2, 16))
+acc.backward(model(input_ids=x, labels=x).loss)
+optimizer.step()
+local = lambda t: t.to_local() if type(t).__name__ == "DTensor" else t
+held = {"policy weights": sum(local(p).nbytes for p in model.parameters()),
+        "gradients": sum(local(p.grad).nbytes for p in model.parameters()),
+        "optimizer states (AdamW m, v)": sum(local(v).nbytes for st in optimizer.state.values()
+                                             for k, v in st.items() if k != "step")}
+print(json.dumps({"rank": acc.process_index, "sharded": len(sharded), "same": same, "sharded_after": after,
+                  "held": held}))
 """
 
 
-def test_fsdp_weights_for_vllm_are_the_whole_model_gathered_from_the_shards(tmp_path):
+def test_fsdp_weights_for_vllm_are_the_whole_model_gathered_from_the_shards(tmp_path, tiny_model_dir):
     """The vllm samplers' weight sync under FSDP2: every process sends the full weights (gathered, copied),
-    and the model is sharded again after."""
+    and the model is sharded again after. Then one update: the bytes of parameters, gradients and AdamW
+    state each process holds are what ``alignkit estimate`` says for FSDP2 full_shard on 2 processes."""
     import os
     import subprocess
     import sys
@@ -161,3 +172,17 @@ def test_fsdp_weights_for_vllm_are_the_whole_model_gathered_from_the_shards(tmp_
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     for r in results:
         assert r["sharded"] > 0 and r["same"] and r["sharded_after"], r
+
+    import alignkit
+    from alignkit.estimate import estimate
+    from alignkit.testing import tiny_llama
+
+    cfg = alignkit.build_config("sft", {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+                                        "training": {"fsdp": "full_shard", "mixed_precision": "no"}})
+    predicted = estimate(cfg, 2, 80, device="cpu", suggest=False).phases["optimizer"]
+    full = sum(p.numel() * 4 for p in tiny_llama().parameters())
+    for name in ("policy weights", "gradients", "optimizer states (AdamW m, v)"):
+        held = sum(r["held"][name] for r in results)
+        assert held == (2 if "optimizer" in name else 1) * full, name  # the shards add up to the whole
+        for r in results:
+            assert r["held"][name] == pytest.approx(predicted[name], rel=0.02), name
