@@ -88,7 +88,7 @@ def test_fsdp_dpo_with_a_frozen_reference_two_processes_learns(tmp_path, tiny_mo
     assert rows[-1]["rewards/margins"] > 0.1 and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_fsdp_ppo_two_processes_generates_trains_policy_and_critic(tmp_path, tiny_model_dir):
+def _prompts_and_reward(tmp_path: Path, n: int) -> tuple[Path, Path]:
     import random
 
     from alignkit.testing import _WORDS
@@ -96,9 +96,26 @@ def test_fsdp_ppo_two_processes_generates_trains_policy_and_critic(tmp_path, tin
     rng = random.Random(0)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(_WORDS) for _ in range(5))}) + "\n"
-                               for _ in range(32)))
+                               for _ in range(n)))
     reward = tmp_path / "toy_reward.py"
     reward.write_text(WORD_SHARE_REWARD)
+    return prompts, reward
+
+
+def test_fsdp_grpo_two_processes_raises_the_reward(tmp_path, tiny_model_dir):
+    """The online loop on FSDP2: generation on the gathered weights each rollout, then sharded training."""
+    prompts, reward = _prompts_and_reward(tmp_path, 64)
+    section = {"generation": {"max_new_tokens": 8, "num_samples": 4}, "rollout_batch_size": 2, "kl_coef": 0.01,
+               "reward": {"functions": [f"{reward}:word_share"]}}
+    cfg = _config(tmp_path, tiny_model_dir, prompts, "grpo", section, method="grpo", learning_rate=1e-2,
+                  max_steps=12, seed=0)
+    _run(["train", "grpo", str(cfg), "--num-processes", "2", "--fsdp", "full_shard"], tmp_path)
+    rewards = [r["reward"] for r in _metrics(tmp_path / "grpo")]
+    assert len(rewards) == 12 and sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.08, rewards
+
+
+def test_fsdp_ppo_two_processes_generates_trains_policy_and_critic(tmp_path, tiny_model_dir):
+    prompts, reward = _prompts_and_reward(tmp_path, 32)
     section = {"generation": {"max_new_tokens": 8, "num_samples": 2}, "reward": {"functions": [f"{reward}:word_share"]},
                "rollout_batch_size": 2, "kl_coef": 0.01, "ppo_epochs": 2}
     cfg = _config(tmp_path, tiny_model_dir, prompts, "ppo", section, method="ppo", learning_rate=1e-2, max_steps=2,
