@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,10 @@ def setup_accelerator(t: TrainingConfig):
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's own collectives call torch's deprecated names on every step; the warning is DeepSpeed's
+        # to fix and would print inside the progress bar
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger",
+                                message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
         try:
             import deepspeed  # noqa: F401
         except ImportError as e:
