@@ -150,3 +150,19 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_run(tmp_path):
         assert str(e.value) == (f"training.output_dir={str(output_dir)!r}: {taken} is a file, not a folder; choose "
                                 "another output_dir.")
     assert build_config("sft", {"training": {"output_dir": str(tmp_path / "new" / "run")}})
+
+
+@pytest.mark.parametrize("method, raw, needle", [
+    ("ppo", {"ppo": {"generation": {"sampler": "vllm"}, "reward": {"functions": ["m.py:f"]}}},
+     "training.fsdp=full_shard with ppo.generation.sampler=vllm: ppo under FSDP2 would send weight shards"),
+    ("grpo", {"model": {"finetune": "lora"},
+              "grpo": {"generation": {"sampler": "vllm_server", "vllm_server_urls": ["http://127.0.0.1:1"]},
+                       "reward": {"functions": ["m.py:f"]}}},
+     "set grpo.generation.vllm_server_lora=false"),
+])
+def test_fsdp_with_a_vllm_sampler_that_would_send_shards_is_refused(method, raw, needle):
+    raw = {**raw, "training": {"fsdp": "full_shard"}}
+    with pytest.raises(ConfigError) as e:
+        build_config(method, raw)
+    assert needle in str(e.value)
+    build_config(method, {**raw, "model": {}, method: {**raw[method], "generation": {"sampler": "hf"}}})

@@ -156,6 +156,17 @@ class OnlineRLConfig:
         if self.environment.enabled and self.generation.sampler != "hf":
             raise ConfigError(f"{m}.environment: multi-turn episodes run on the hf sampler for now, not "
                               f"{m}.generation.sampler={self.generation.sampler}; set {m}.generation.sampler=hf.")
+        sampler = self.generation.sampler
+        if run.training.fsdp and sampler in ("vllm", "vllm_server") and (
+                m == "ppo" or (sampler == "vllm_server" and self.generation.vllm_server_lora
+                               and run.model.finetune in ("lora", "qlora"))):
+            # the weights sent to vLLM would be FSDP2 shards: PPO's policy sits inside its policy-and-critic
+            # module, and an adapter is read without gathering it
+            what = "ppo" if m == "ppo" else f"a {run.model.finetune} adapter sent to the servers"
+            fix = ("use training.deepspeed=zero3 or generation.sampler=hf" if m == "ppo"
+                   else f"set {m}.generation.vllm_server_lora=false (merged weights are gathered), or use DeepSpeed")
+            raise ConfigError(f"training.fsdp={run.training.fsdp} with {m}.generation.sampler={sampler}: {what} under "
+                              f"FSDP2 would send weight shards to vLLM; {fix}.")
         check_choice(f"{m}.kl_penalty", self.kl_penalty, KL_PENALTIES)
         check_choice(f"{m}.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice(f"{m}.loss_agg", self.loss_agg, LOSS_AGGS)
