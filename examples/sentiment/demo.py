@@ -104,8 +104,12 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None,
           f"{sft.get('eval/loss', float('nan')):.3f}")
     print(f"RM: held-out pairwise accuracy {rm['accuracy']:.1%} on {rm['pairs']} pairs")
     # a rollout of 8 responses is noisy: both policies are compared on the same held-out prompts and seeds
+    # the KL of the held-out samples (exact per position) is the steady number; the training log's k1
+    # estimate over the last 3 rollouts (24 responses) swings by +-0.1 from step to step
+    held_out_kl = f"{after['kl_to_reference']:.3f} on the held-out samples, " if "kl_to_reference" in after else ""
     print(f"PPO: held-out mean reward {before['mean_reward']:+.3f} (SFT model) -> {after['mean_reward']:+.3f} "
-          f"(PPO model), KL to the SFT model {_last_kl(Path(stage['ppo']['output_dir'])):.3f}")
+          f"(PPO model), KL to the SFT model {held_out_kl}"
+          f"{_last_kl(Path(stage['ppo']['output_dir'])):.3f} in training (k1, last 3 steps)")
     # repetition of the same held-out samples: distinct word pairs / all word pairs (1 = no pair repeats)
     if "distinct_2" in before:  # a reward_before kept from a run before distinct-2 was measured has none
         print(f"PPO: held-out distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f} over all samples, "

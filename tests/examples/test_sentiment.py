@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from examples.sentiment import task as sentiment
 from examples.sentiment import vader_reward
@@ -53,6 +54,40 @@ def test_mean_policy_reward_with_a_function(tmp_path, tiny_model_dir):
     again = mean_policy_reward(tiny_model_dir, prompts, reward_functions=["alignkit.rewards:target_token_share"],
                                max_new_tokens=6, num_samples=2)
     assert again == res  # seeded: comparable across policies
+
+
+def test_held_out_kl_is_the_exact_kl_of_the_next_token_distributions(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from examples.sentiment.evaluation import sequence_kl
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me {i}"}) + "\n" for i in range(3)))
+    args = dict(reward_functions=["alignkit.rewards:target_token_share"], max_new_tokens=5, num_samples=2)
+    same = mean_policy_reward(tiny_model_dir, prompts, reference_dir=tiny_model_dir, **args)
+    assert same["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(3.0)  # sharper next-token distributions
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "other")
+    moved = mean_policy_reward(tmp_path / "other", prompts, reference_dir=tiny_model_dir, **args)
+    assert moved["kl_to_reference"] > 0.01
+    # by hand on one rollout: sum over response positions of sum_v p_v (log p_v - log q_v)
+    from alignkit.rollout import HFSampler, RolloutBatch, SamplingConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rollout = HFSampler(tok, SamplingConfig(max_new_tokens=4)).generate(other.eval(), [[5, 6, 7], [8, 9]], seed=0)
+    b = RolloutBatch.from_rollout(rollout)
+    want = []
+    for i in range(len(b)):
+        ids = b.input_ids[i][b.attention_mask[i].bool()][None]
+        n = int(b.response_mask[i].sum())
+        p = torch.log_softmax(other(ids).logits[0, -n - 1:-1], -1) if n else None
+        q = torch.log_softmax(base(ids).logits[0, -n - 1:-1], -1) if n else None
+        want.append(float((p.exp() * (p - q)).sum()) if n else 0.0)
+    torch.testing.assert_close(sequence_kl(other, base, rollout), torch.tensor(want), rtol=1e-4, atol=1e-5)
 
 
 def test_distinct_2_counts_repeated_word_pairs():
