@@ -8,9 +8,12 @@ checkpoint names count), on each process:
    ``generation.num_samples`` responses each (:mod:`alignkit.rollout`; ZeRO-3 gathers once per rollout). With
    ``environment.factory``, multi-turn episodes instead (:mod:`alignkit.rollout.multiturn`): every mask below
    is then the action mask, so the tokens the environment added are in the context but in no loss;
-2. **rewards**: the reward sources, summed and post-processed (:mod:`alignkit.rewards`);
+2. **rewards**: the reward sources, summed and post-processed (:mod:`alignkit.rewards`), + DAPO's overlong
+   penalty (``overlong_buffer``). ``dynamic_sampling`` (GRPO, RLOO): groups whose rewards are all equal are
+   dropped and the batch refilled from further prompts of the stream (:func:`refill_groups`);
 3. without gradients, once per rollout: the "old" log-probs of the sampled tokens (and PPO's critic values)
    when they can differ from the training pass, and the reference's (when ``kl_coef > 0``);
+   ``mismatch_seq_threshold`` drops the sequences whose old and sampler log-probs disagree;
 4. **advantages**, by method:
 
    - ``ppo``: token rewards ``r_t = -kl_coef * KL_t`` (+ the score at the last token), then GAE(gamma, lam)
@@ -24,9 +27,10 @@ checkpoint names count), on each process:
 
    then, when ``whiten_advantages`` (PPO's default), whitened over the rollout's response tokens;
 5. **updates**: ``ppo_epochs`` passes over the rollout in shuffled minibatches of ``per_device_batch_size x
-   gradient_accumulation_steps`` rows, one optimizer update each: clipped surrogate (``clip_eps``,
-   ``clip_eps_high``) [+ ``kl_coef`` * KL when ``kl_penalty: loss``] - ``entropy_coef`` * entropy, aggregated
-   by ``loss_agg``, [+ ``vf_coef`` * clipped value loss for PPO]. With one update per rollout the ratio is 1
+   gradient_accumulation_steps`` rows, one optimizer update each: the ``policy_loss`` (PPO's clipped
+   surrogate with ``clip_eps``, ``clip_eps_high``; GSPO; CISPO: :mod:`alignkit.losses.policy`) [+ ``kl_coef``
+   * KL when ``kl_penalty: loss``] - ``entropy_coef`` * entropy, aggregated by ``loss_agg``, [+ ``vf_coef`` *
+   clipped value loss for PPO]. With one update per rollout the ratio is 1
    and this is REINFORCE with the method's baseline;
 6. **log and checkpoint**: the adaptive KL controller (``kl_target``) moves ``kl_coef``; metrics, samples,
    checkpoints (exact resume: policy, critic, optimizer, scheduler, KL controller, reward statistics, RNG).
@@ -38,7 +42,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +58,13 @@ from alignkit.critic import (
 )
 from alignkit.data import build_datasets
 from alignkit.forward import ResponseOutput, response_forward, score_rollout
+from alignkit.losses.policy import (
+    cispo_policy_loss,
+    groups_with_signal,
+    gspo_policy_loss,
+    mismatch_sequence_mask,
+    overlong_penalty,
+)
 from alignkit.losses.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -70,7 +82,7 @@ from alignkit.losses.rl import (
 )
 from alignkit.models import load_model, load_tokenizer, resolve_dtype, unwrap_model
 from alignkit.reference import load_reference, reference_logps
-from alignkit.rewards import RewardSourcesConfig, build_reward, episode_rewards, prompt_text
+from alignkit.rewards import RewardResult, RewardSourcesConfig, build_reward, episode_rewards, prompt_text
 from alignkit.rollout import Rollout, RolloutBatch, SamplingConfig, build_sampler
 from alignkit.rollout.multiturn import EnvironmentConfig, MultiTurnSampler
 from alignkit.training import (
@@ -90,6 +102,8 @@ KL_PENALTIES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCALE_REWARDS = ("group", "batch", "none")
+POLICY_LOSSES = ("ppo_clip", "gspo", "cispo")
+MISMATCH_LEVELS = ("geometric", "sequence")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +152,40 @@ class OnlineRLConfig:
                                       "2025; OpenRLHF, verl): each token's policy loss is weighted by "
                                       "min(pi_old/pi_sampler, tis_cap), pi_sampler being the sampler's own "
                                       "log-prob (vLLM's kernels differ from training's). None = off; e.g. 2.0.")
+    mismatch_seq_threshold: float = opt(0.0, "Sequence-level rejection of the sampler/trainer mismatch, beside "
+                                             "tis_cap (verl's rollout_rs): a sequence whose ratio rho = pi_old/"
+                                             "pi_sampler (mismatch_seq_level) leaves [1/threshold, threshold] is "
+                                             "dropped from the loss whole. 0 = off; e.g. 1.01 (geometric) or 5 "
+                                             "(sequence). Any method; with the HF sampler in fp32 rho is 1.")
+    mismatch_seq_level: str = opt("geometric", "rho of mismatch_seq_threshold: geometric (exp of the mean "
+                                               "per-token log ratio) or sequence (the product over the sequence).")
+    policy_loss: str = opt("ppo_clip", "Policy objective (docs/reasoning.md): ppo_clip (token ratio clipped to "
+                                       "clip_eps/clip_eps_high), gspo (sequence ratio, gspo_clip_eps*; meant for "
+                                       "GRPO/RLOO's sequence advantages, with PPO/REINFORCE++ each token keeps its "
+                                       "advantage but shares its sequence's ratio) or cispo (clipped, detached "
+                                       "token weight: every token keeps a gradient; cispo_clip_eps_*). Aggregated "
+                                       "by loss_agg.")
+    gspo_clip_eps: float = opt(3e-4, "GSPO: the sequence ratio is clipped to [1 - gspo_clip_eps, 1 + "
+                                     "gspo_clip_eps_high] (the paper's 3e-4, 4e-4); only with policy_loss gspo.")
+    gspo_clip_eps_high: float | None = opt(4e-4, "GSPO upper clip range; None = gspo_clip_eps.")
+    cispo_clip_eps_high: float = opt(4.0, "CISPO: the detached token weight is capped at 1 + cispo_clip_eps_high "
+                                          "(5, TRL's recommended cap); only with policy_loss cispo.")
+    cispo_clip_eps_low: float | None = opt(None, "CISPO: lower bound 1 - cispo_clip_eps_low of the weight; None = "
+                                                 "unbounded below (the paper).")
+    overlong_buffer: int = opt(0, "DAPO's overlong shaping (L_cache): a response longer than "
+                                  "generation.max_new_tokens - overlong_buffer gets a reward penalty growing "
+                                  "linearly to -overlong_penalty_factor at max_new_tokens, added to the final reward "
+                                  "(after normalisation/clipping). 0 = off. Every method; not with environment "
+                                  "(episode lengths are not one generation's).")
+    overlong_penalty_factor: float = opt(1.0, "Size of the overlong_buffer penalty at generation.max_new_tokens.")
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling, GRPO/RLOO only (PPO and REINFORCE++ have no "
+                                        "groups): groups whose final rewards are all equal carry no advantage and "
+                                        "are dropped; the batch is refilled with groups from further prompts of "
+                                        "the prompt stream (logged as dynamic_sampling/refilled). Not with "
+                                        "environment.")
+    max_refill_rounds: int = opt(4, "dynamic_sampling: at most this many extra batches of rollout_batch_size "
+                                    "prompts per step; if the batch is still short, groups without signal fill it "
+                                    "(logged as dynamic_sampling/short).")
     ref_model: str | None = opt(None, "Reference model for the KL. None: the policy with its adapter off (lora/qlora) "
                                       "or a frozen copy of model.name_or_path (full).")
     disable_dropout: bool = opt(True, "Set dropout to 0 in the policy (and critic), so the old, reference and "
@@ -180,12 +228,32 @@ class OnlineRLConfig:
             ("kl_target", self.kl_target is None or self.kl_target > 0, "> 0 (or null for a fixed kl_coef)"),
             ("kl_horizon", self.kl_horizon > 0, "> 0"),
             ("tis_cap", self.tis_cap is None or self.tis_cap >= 1, ">= 1 (or null for no correction)"),
+            ("mismatch_seq_threshold", self.mismatch_seq_threshold == 0 or self.mismatch_seq_threshold > 1,
+             "> 1 (or 0 for off)"),
+            ("gspo_clip_eps", self.gspo_clip_eps > 0, "> 0"),
+            ("gspo_clip_eps_high", self.gspo_clip_eps_high is None or self.gspo_clip_eps_high > 0, "> 0 (or null)"),
+            ("cispo_clip_eps_high", self.cispo_clip_eps_high > 0, "> 0"),
+            ("cispo_clip_eps_low", self.cispo_clip_eps_low is None or 0 < self.cispo_clip_eps_low <= 1,
+             "in (0, 1] (or null for no lower bound)"),
+            ("overlong_buffer", 0 <= self.overlong_buffer <= self.generation.max_new_tokens,
+             f"in [0, generation.max_new_tokens={self.generation.max_new_tokens}]"),
+            ("overlong_penalty_factor", self.overlong_penalty_factor >= 0, ">= 0"),
+            ("max_refill_rounds", self.max_refill_rounds >= 0, ">= 0"),
             ("entropy_coef", self.entropy_coef >= 0, ">= 0"),
             ("log_samples", self.log_samples >= 0, ">= 0"),
         ]
         for key, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{m}.{key}={getattr(self, key)!r}: must be {rule}.")
+        check_choice(f"{m}.policy_loss", self.policy_loss, POLICY_LOSSES)
+        check_choice(f"{m}.mismatch_seq_level", self.mismatch_seq_level, MISMATCH_LEVELS)
+        if self.dynamic_sampling and m not in ("grpo", "rloo"):
+            raise ConfigError(f"{m}.dynamic_sampling: {m} has no groups of samples per prompt to filter; it is for "
+                              "grpo and rloo only, set it to false.")
+        for key, on in (("dynamic_sampling", self.dynamic_sampling), ("overlong_buffer", self.overlong_buffer > 0)):
+            if on and self.environment.enabled:
+                raise ConfigError(f"{m}.{key} is not supported with {m}.environment (multi-turn episodes) yet; "
+                                  "turn one of them off.")
         if self.kl_target is not None and self.kl_coef == 0:
             raise ConfigError(f"{m}.kl_target is set but {m}.kl_coef=0: the adaptive coefficient is multiplied, so it "
                               f"would stay 0; give an initial {m}.kl_coef > 0 (e.g. 0.05).")
@@ -337,14 +405,22 @@ def policy_terms(out: ResponseOutput, old_logps: torch.Tensor, adv: torch.Tensor
                  args: OnlineRLConfig, *, kl_coef: float, ref_logps: torch.Tensor | None) -> PolicyTerms:
     """The policy side of the loss on one micro-batch, as a sum over ``loss_agg`` items.
 
-    ``L = ppo_policy_loss(clip_eps, clip_eps_high) + [kl_penalty == loss] kl_coef * KL_est(pi || ref)
+    ``L = policy_loss (ppo_clip / gspo / cispo) + [kl_penalty == loss] kl_coef * KL_est(pi || ref)
     - entropy_coef * H``, each aggregated with ``loss_agg`` (Dr. GRPO's constant is ``max_new_tokens``).
     """
     items = loss_items(mask, args.loss_agg)
     n_tokens = float(mask.sum())
     max_length = args.generation.max_new_tokens
-    pg, st = ppo_policy_loss(out.logps, old_logps, adv, mask, clip_eps=args.clip_eps,
-                             clip_eps_high=args.clip_eps_high, loss_agg=args.loss_agg, max_length=max_length)
+    if args.policy_loss == "gspo":
+        pg, st = gspo_policy_loss(out.logps, old_logps, adv, mask, clip_eps=args.gspo_clip_eps,
+                                  clip_eps_high=args.gspo_clip_eps_high, loss_agg=args.loss_agg, max_length=max_length)
+    elif args.policy_loss == "cispo":
+        pg, st = cispo_policy_loss(out.logps, old_logps, adv, mask, clip_eps_high=args.cispo_clip_eps_high,
+                                   clip_eps_low=args.cispo_clip_eps_low, loss_agg=args.loss_agg,
+                                   max_length=max_length)
+    else:
+        pg, st = ppo_policy_loss(out.logps, old_logps, adv, mask, clip_eps=args.clip_eps,
+                                 clip_eps_high=args.clip_eps_high, loss_agg=args.loss_agg, max_length=max_length)
     loss = pg
     stats = {"loss/policy": (float(pg.detach()) * float(items), float(items)),
              "clipfrac": (float(st["clipfrac"]) * n_tokens, n_tokens),
@@ -422,6 +498,75 @@ def write_samples(path: Path, step: int, rollout: Rollout, rows: list[dict], res
             f.write(json.dumps(record) + "\n")
 
 
+def with_overlong(result: RewardResult, rollout: Rollout, args: OnlineRLConfig) -> RewardResult:
+    """``result`` with DAPO's overlong penalty (``overlong_buffer`` > 0) added to its final rewards and logged
+    as ``reward/overlong``; unchanged when it is off."""
+    if args.overlong_buffer == 0:
+        return result
+    penalty = overlong_penalty(rollout.response_lengths, args.generation.max_new_tokens, args.overlong_buffer,
+                               args.overlong_penalty_factor).to(result.rewards)
+    return replace(result, rewards=result.rewards + penalty, raw={**result.raw, "overlong": penalty})
+
+
+def refill_groups(rollout: Rollout, result: RewardResult, rows: list[dict], n: int,
+                  draw: Callable[[int], tuple[Rollout, RewardResult, list[dict]]], *, max_rounds: int,
+                  any_short: Callable[[bool], bool], metrics: MetricSums, pad_id: int
+                  ) -> tuple[Rollout, RewardResult, list[dict]]:
+    """DAPO's dynamic sampling (Yu et al. 2025): keep the groups of ``n`` samples whose final rewards are not
+    all equal (:func:`~alignkit.losses.policy.groups_with_signal`) and, while a process has fewer than
+    ``len(rows)`` of them, ``draw(round)`` one more batch of prompts (sampled and scored), at most ``max_rounds``
+    times (every process draws as long as any is short: generation and reward gathers stay in step). The batch
+    is the first ``len(rows)`` groups with signal in drawing order; if still short, the earliest groups without
+    signal fill it. Metrics: ``dynamic_sampling/refilled`` (groups of the batch from refill rounds),
+    ``dynamic_sampling/rounds``, ``dynamic_sampling/short`` (groups without signal kept)."""
+    want = len(rows)
+    parts = [(rollout, result, rows)]
+    keeps = [groups_with_signal(result.rewards, n)]
+    while len(parts) <= max_rounds and any_short(int(sum(int(k.sum()) for k in keeps)) < want):
+        parts.append(draw(len(parts)))
+        keeps.append(groups_with_signal(parts[-1][1].rewards, n))
+    with_signal = [(p, int(g)) for p, k in enumerate(keeps) for g in k.nonzero().flatten()][:want]
+    without = [(p, int(g)) for p, k in enumerate(keeps) for g in (~k).nonzero().flatten()]
+    picks = with_signal + without[:want - len(with_signal)]
+    metrics.add("dynamic_sampling/refilled", sum(p > 0 for p, _ in with_signal))
+    metrics.add("dynamic_sampling/rounds", len(parts) - 1)
+    metrics.add("dynamic_sampling/short", want - len(with_signal))
+    if len(parts) == 1 and len(with_signal) == want:
+        return rollout, result, rows  # every group had signal
+    return concat_groups(parts, picks, n, pad_id)
+
+
+def concat_groups(parts: list[tuple[Rollout, RewardResult, list[dict]]], picks: list[tuple[int, int]], n: int,
+                  pad_id: int) -> tuple[Rollout, RewardResult, list[dict]]:
+    """One single-turn rollout (with its rewards and prompt rows) of the groups ``picks`` (``(part, group)``,
+    in that order) of several: prompts re-padded on the left, responses on the right."""
+    P = max(r.prompt_ids.shape[1] for r, _, _ in parts)
+    R = max(r.response_ids.shape[1] for r, _, _ in parts)
+    left = lambda x, v: torch.nn.functional.pad(x, (P - x.shape[1], 0), value=v)  # noqa: E731
+    right = lambda x, v: torch.nn.functional.pad(x, (0, R - x.shape[1]), value=v)  # noqa: E731
+    starts = [0]
+    for r, _, _ in parts:
+        starts.append(starts[-1] + len(r))
+    idx = torch.tensor([starts[p] + g * n + j for p, g in picks for j in range(n)],
+                       device=parts[0][0].prompt_ids.device)
+    cat = lambda xs: torch.cat(xs)[idx]  # noqa: E731
+    rs = [r for r, _, _ in parts]
+    texts = [t for r in rs for t in r.response_texts]
+    logps = cat([right(r.sampler_logps, 0.0) for r in rs]) if rs[0].sampler_logps is not None else None
+    rollout = Rollout(prompt_ids=cat([left(r.prompt_ids, pad_id) for r in rs]),
+                      prompt_mask=cat([left(r.prompt_mask, 0) for r in rs]),
+                      response_ids=cat([right(r.response_ids, pad_id) for r in rs]),
+                      response_mask=cat([right(r.response_mask, 0) for r in rs]),
+                      ended_with_eos=cat([r.ended_with_eos for r in rs]),
+                      prompt_index=torch.arange(len(picks), device=idx.device).repeat_interleave(n),
+                      response_texts=[texts[i] for i in idx.tolist()], sampler_logps=logps)
+    results = [res for _, res, _ in parts]
+    result = RewardResult(rewards=cat([x.rewards for x in results]), combined=cat([x.combined for x in results]),
+                          raw={k: cat([x.raw[k] for x in results]) for k in results[0].raw})
+    rows = [parts[p][2][int(parts[p][0].prompt_index[g * n])] for p, g in picks]
+    return rollout, result, rows
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -484,7 +629,7 @@ def run(cfg: RunConfig) -> dict:
     micro = t.per_device_batch_size
     # one update per rollout: the training forward IS the rollout policy, no separate "old" pass needed
     on_policy = args.ppo_epochs == 1 and n_updates == 1
-    need_old = (critic is not None or not on_policy or args.tis_cap is not None
+    need_old = (critic is not None or not on_policy or args.tis_cap is not None or args.mismatch_seq_threshold > 0
                 or (args.uses_reference and args.kl_penalty == "reward"))
     old_from_sampler = need_old and sampler_logps_are_the_trainers(args, accelerator.mixed_precision, cfg.model.dtype)
     if old_from_sampler:
@@ -498,7 +643,7 @@ def run(cfg: RunConfig) -> dict:
         state.micro_step += 1
 
         # 1. rollout: num_samples responses per prompt
-        want_logps = args.tis_cap is not None or old_from_sampler
+        want_logps = args.tis_cap is not None or args.mismatch_seq_threshold > 0 or old_from_sampler
         if multi_turn:
             rollout = sampler.generate_episodes(sample_from, rows, seed=derived_seed(t.seed, state.step, rank),
                                                 logps=want_logps, any_running=lambda x: any_process(accelerator, x))
@@ -510,11 +655,28 @@ def run(cfg: RunConfig) -> dict:
         sampler.sleep()  # vLLM on a GPU frees its memory for the update; the next generate wakes and re-syncs it
         generation_time = time.perf_counter() - step_start
 
-        # 2. rewards
-        result = reward(rollout, rows, gather=accelerator.gather if world > 1 else None)
+        # 2. rewards (+ DAPO's overlong penalty); dynamic sampling: groups without signal refilled from new prompts
+        result = with_overlong(reward(rollout, rows, gather=accelerator.gather if world > 1 else None), rollout, args)
+        reward_metrics(metrics, result, rollout)
+        if args.dynamic_sampling:
+            def draw(round_: int, want_logps=want_logps, metrics=metrics
+                     ) -> tuple[Rollout, RewardResult, list[dict]]:
+                more = next(batches)
+                state.micro_step += 1  # every prompt batch drawn counts: resume continues after the last
+                r = sampler.generate(sample_from, [x["prompt_ids"] for x in more], logps=want_logps,
+                                     seed=derived_seed(t.seed, state.step, rank, 0, round_))
+                sampler.sleep()
+                res = with_overlong(reward(r, more, gather=accelerator.gather if world > 1 else None), r, args)
+                reward_metrics(metrics, res, r)
+                return r, res, more
+
+            refill_start = time.perf_counter()
+            rollout, result, rows = refill_groups(rollout, result, rows, n, draw, max_rounds=args.max_refill_rounds,
+                                                  any_short=lambda x: any_process(accelerator, x), metrics=metrics,
+                                                  pad_id=tokenizer.pad_token_id)
+            generation_time += time.perf_counter() - refill_start
         batch = RolloutBatch.from_rollout(rollout)
         mask = batch.loss_mask  # the sampled tokens (multi-turn: environment tokens are 0)
-        reward_metrics(metrics, result, rollout)
 
         # 3. old log-probs (and values), reference log-probs: once per rollout, no gradients
         old = None
@@ -524,6 +686,11 @@ def run(cfg: RunConfig) -> dict:
         elif need_old:
             old = score_rollout(model, batch, temperature, micro, autocast=autocast,
                                 **({"values": True} if critic is not None else {}))
+        if args.mismatch_seq_threshold > 0:  # drop whole sequences the sampler and the trainer disagree on
+            keep = mismatch_sequence_mask(old.logps, rollout.sampler_logps, mask, args.mismatch_seq_threshold,
+                                          level=args.mismatch_seq_level)
+            metrics.add("mismatch_rejected", float((~keep).sum()), keep.numel())
+            mask = batch.action_mask = mask * keep[:, None].to(mask.dtype)
         ref_logps = None
         if reference is not None:
             ref_logps = reference_logps(reference, model, batch, temperature, micro, adapter_owner=inner_policy,
