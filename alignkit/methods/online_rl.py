@@ -673,7 +673,7 @@ def run(cfg: RunConfig) -> dict:
             refill_start = time.perf_counter()
             rollout, result, rows = refill_groups(rollout, result, rows, n, draw, max_rounds=args.max_refill_rounds,
                                                   any_short=lambda x: any_process(accelerator, x), metrics=metrics,
-                                                  pad_id=tokenizer.pad_token_id)
+                                                  pad_id=tokenizer.pad_token_id or 0)  # masked out anyway
             generation_time += time.perf_counter() - refill_start
         batch = RolloutBatch.from_rollout(rollout)
         mask = batch.loss_mask  # the sampled tokens (multi-turn: environment tokens are 0)
