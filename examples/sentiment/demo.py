@@ -41,8 +41,9 @@ def write_data(output_dir: str | Path, n_rm: int, n_pairs: int, n_prompts: int,
     return write_task_files(output_dir, n_rm=n_rm, n_pairs=n_pairs, n_prompts=n_prompts, n_eval=n_eval)
 
 
-def generate_answer(model_dir: str | Path, question: str, max_new_tokens: int = 48) -> str:
-    """Greedy answer from a saved model folder, loaded with plain transformers."""
+def generate_answer(model_dir: str | Path, question: str, max_new_tokens: int = 48, seed: int | None = None) -> str:
+    """Greedy answer from a saved model folder, loaded with plain transformers; with ``seed``, sampled at
+    temperature 1 from the full distribution instead (how PPO samples and the held-out reward is measured)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,9 +52,12 @@ def generate_answer(model_dir: str | Path, question: str, max_new_tokens: int = 
     text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                    add_generation_prompt=True)
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    sampling = {"do_sample": False}
+    if seed is not None:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -64,8 +68,10 @@ def answer(model_dir: str | Path, question: str, prompts_path: str | Path,
     opening = json.loads(Path(prompts_path).read_text().splitlines()[0])["prompt"][0]["content"]
     out = {"question": question, "answer": generate_answer(model_dir, question),
            "opening": opening, "continuation": generate_answer(model_dir, opening, max_new_tokens=24)}
+    out["sampled"] = generate_answer(model_dir, opening, max_new_tokens=24, seed=0)
     if before_dir is not None:
         out["continuation_before"] = generate_answer(before_dir, opening, max_new_tokens=24)
+        out["sampled_before"] = generate_answer(before_dir, opening, max_new_tokens=24, seed=0)
     return out
 
 
@@ -120,9 +126,15 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None,
               "model's too)")
     print(f"\nQ: {answers['question']}\nA (trained policy): {answers['answer']}")
     print(f"Q: {answers['opening']}")
+    # greedy decoding of a 135M model falls into loops easily; the sampled answer (same seed for both
+    # models) is drawn as the held-out samples above are
     if "continuation_before" in answers:
-        print(f"A (SFT model):      {answers['continuation_before']}")
-    print(f"A (trained policy): {answers['continuation']}")
+        print(f"A (SFT model, greedy):       {answers['continuation_before']}")
+    print(f"A (trained policy, greedy):  {answers['continuation']}")
+    if "sampled_before" in answers:
+        print(f"A (SFT model, sampled):      {answers['sampled_before']}")
+    if "sampled" in answers:
+        print(f"A (trained policy, sampled): {answers['sampled']}")
     print(f"\ndemo finished in {summary['seconds']:.0f} s; models under {out}/ (sft, rm, ppo)")
     return summary
 
