@@ -24,6 +24,8 @@ import json
 import shutil
 from pathlib import Path
 
+from examples.sentiment.evaluation import distinct_n
+
 PIPELINE = Path(__file__).with_name("demo_pipeline.yaml")
 # what the demo wrote before it was a pipeline file (no pipeline_state.json next to them)
 _OLD_DEMO_FOLDERS = ("data", "sft", "rm", "ppo")
@@ -41,37 +43,52 @@ def write_data(output_dir: str | Path, n_rm: int, n_pairs: int, n_prompts: int,
     return write_task_files(output_dir, n_rm=n_rm, n_pairs=n_pairs, n_prompts=n_prompts, n_eval=n_eval)
 
 
-def generate_answer(model_dir: str | Path, question: str, max_new_tokens: int = 48, seed: int | None = None) -> str:
-    """Greedy answer from a saved model folder, loaded with plain transformers; with ``seed``, sampled at
-    temperature 1 from the full distribution instead (how PPO samples and the held-out reward is measured)."""
+def generate_answers(model_dir: str | Path, questions: list[str], max_new_tokens: int = 48,
+                     seed: int | None = None) -> list[str]:
+    """Greedy answers from a saved model folder, loaded with plain transformers (one left-padded batch); with
+    ``seed``, sampled at temperature 1 from the full distribution instead (how PPO samples and the held-out
+    reward is measured)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                   add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     sampling = {"do_sample": False}
     if seed is not None:
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+def _greedy_repetition(texts: list[str]) -> dict[str, float]:
+    """Mean distinct-2 within each greedy continuation, and how many loop (below 0.8: a fifth of the word
+    pairs repeat, "a movie about a man who is a movie about a man who is")."""
+    per_text = [distinct_n([t])["per_text"] for t in texts]
+    return {"distinct_2": sum(per_text) / len(per_text), "loops": sum(d < 0.8 for d in per_text),
+            "openings": len(texts)}
 
 
 def answer(model_dir: str | Path, question: str, prompts_path: str | Path,
-           before_dir: str | Path | None = None) -> dict[str, str]:
-    """The policy's answer to ``question`` and its continuation of the first held-out review opening; with
-    ``before_dir`` (the policy PPO started from) that model's continuation too, to compare."""
-    opening = json.loads(Path(prompts_path).read_text().splitlines()[0])["prompt"][0]["content"]
-    out = {"question": question, "answer": generate_answer(model_dir, question),
-           "opening": opening, "continuation": generate_answer(model_dir, opening, max_new_tokens=24)}
-    out["sampled"] = generate_answer(model_dir, opening, max_new_tokens=24, seed=0)
-    if before_dir is not None:
-        out["continuation_before"] = generate_answer(before_dir, opening, max_new_tokens=24)
-        out["sampled_before"] = generate_answer(before_dir, opening, max_new_tokens=24, seed=0)
+           before_dir: str | Path | None = None, n_openings: int = 32, n_shown: int = 3) -> dict:
+    """The policy's answer to ``question``, its greedy continuations of the first ``n_openings`` held-out
+    review openings (their repetition; the first ``n_shown`` kept) and a sampled one; with ``before_dir``
+    (the policy PPO started from) the same for that model, to compare."""
+    rows = [json.loads(x) for x in Path(prompts_path).read_text().splitlines()[:n_openings]]
+    openings = [r["prompt"][0]["content"] for r in rows]
+    out: dict = {"question": question, "answer": generate_answers(model_dir, [question])[0],
+                 "openings": openings[:n_shown]}
+    models = {"after": model_dir} if before_dir is None else {"before": before_dir, "after": model_dir}
+    for when, folder in models.items():
+        greedy = generate_answers(folder, openings, max_new_tokens=24)
+        out[f"greedy_{when}"] = greedy[:n_shown]
+        out[f"greedy_repetition_{when}"] = _greedy_repetition(greedy)
+        out[f"sampled_{when}"] = generate_answers(folder, openings[:1], max_new_tokens=24, seed=0)[0]
     return out
 
 
@@ -125,16 +142,24 @@ def run_demo(output_dir: str | Path = "outputs/demo", steps: int | None = None,
               f"{after['distinct_2_per_response']:.3f} within a response (--from reward_before measures the SFT "
               "model's too)")
     print(f"\nQ: {answers['question']}\nA (trained policy): {answers['answer']}")
-    print(f"Q: {answers['opening']}")
-    # greedy decoding of a 135M model falls into loops easily; the sampled answer (same seed for both
-    # models) is drawn as the held-out samples above are
-    if "continuation_before" in answers:
-        print(f"A (SFT model, greedy):       {answers['continuation_before']}")
-    print(f"A (trained policy, greedy):  {answers['continuation']}")
-    if "sampled_before" in answers:
+    # one greedy continuation says little (a 135M model falls into a loop on some openings, before PPO as
+    # after): the repetition of greedy continuations over many held-out openings is the number to read
+    rep_after = answers["greedy_repetition_after"]
+    rep_before = answers.get("greedy_repetition_before")
+    counts = (f"{rep_before['loops']} -> {rep_after['loops']}" if rep_before else f"{rep_after['loops']}")
+    mean = (f"{rep_before['distinct_2']:.3f} -> {rep_after['distinct_2']:.3f}" if rep_before
+            else f"{rep_after['distinct_2']:.3f}")
+    print(f"greedy continuations of {rep_after['openings']} held-out openings: distinct-2 within a continuation "
+          f"{mean}; continuations that loop (distinct-2 < 0.8): {counts}")
+    for i, opening in enumerate(answers["openings"]):
+        print(f"Q: {opening}")
+        if rep_before:
+            print(f"A (SFT model, greedy):       {answers['greedy_before'][i]}")
+        print(f"A (trained policy, greedy):  {answers['greedy_after'][i]}")
+    print(f"Q: {answers['openings'][0]}")
+    if rep_before:
         print(f"A (SFT model, sampled):      {answers['sampled_before']}")
-    if "sampled" in answers:
-        print(f"A (trained policy, sampled): {answers['sampled']}")
+    print(f"A (trained policy, sampled): {answers['sampled_after']}")
     print(f"\ndemo finished in {summary['seconds']:.0f} s; models under {out}/ (sft, rm, ppo)")
     return summary
 
