@@ -1,6 +1,6 @@
 """GRPO on a reasoning-gym task, sized for a CPU, then the held-out accuracy before -> after and the reward curve.
 
-    python -m examples.reasoning.run [--output-dir outputs/reasoning] [--steps 20] [--from STAGE]
+    python -m examples.reasoning.run [--output-dir outputs/reasoning] [--steps 10] [--from STAGE] [--set KEY=VALUE]
 
 It runs the pipeline file ``examples/reasoning/pipeline.yaml`` (the same as ``alignkit pipeline
 examples/reasoning/pipeline.yaml``): the base model's greedy held-out accuracy, GRPO with the task's own
@@ -22,14 +22,14 @@ def _show(label: str, acc: dict) -> None:
 
 
 def run(output_dir: str | Path = "outputs/reasoning", steps: int | None = None,
-        start_from: str | None = None) -> dict:
+        start_from: str | None = None, overrides: list[str] | None = None) -> dict:
     """Run the pipeline and print its numbers; returns the pipeline's summary."""
     from alignkit.pipeline import run_pipeline
     from examples.reasoning.evaluate import sparkline
 
     print("== alignkit reasoning example: GRPO on reasoning-gym chain_sum, SmolLM2-135M-Instruct (CPU-sized) ==")
     print(f"pipeline file: {PIPELINE}", flush=True)
-    overrides = [f"output_dir={output_dir}"] + ([f"grpo.training.max_steps={steps}"] if steps else [])
+    overrides = [f"output_dir={output_dir}"] + ([f"grpo.training.max_steps={steps}"] if steps else []) + list(overrides or [])
     summary = run_pipeline(PIPELINE, overrides=overrides, start_from=start_from)
     stage = {e["stage"]: e for e in summary["stages"]}
     before, after = stage["accuracy_before"]["outputs"], stage["accuracy_after"]["outputs"]
@@ -60,8 +60,11 @@ def main() -> None:
     ap.add_argument("--output-dir", default="outputs/reasoning")
     ap.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the pipeline file's)")
     ap.add_argument("--from", dest="start_from", metavar="STAGE", help="start STAGE and the later stages over")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of the pipeline file, as alignkit pipeline --set does "
+                         "(grpo.training.learning_rate=5e-6); repeatable")
     args = ap.parse_args()
-    run(args.output_dir, steps=args.steps, start_from=args.start_from)
+    run(args.output_dir, steps=args.steps, start_from=args.start_from, overrides=args.overrides)
 
 
 if __name__ == "__main__":
