@@ -16,13 +16,28 @@ from alignkit.config import RunConfig
 from alignkit.methods import config_class, runner
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is logged, not the stream of the moment the handler
+    was made (a replaced stderr, such as a progress bar's or a test's capture, may be closed by then)."""
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     import os
 
     log = logging.getLogger("alignkit")
     if log.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _CurrentStderr()
     rank = os.environ.get("RANK")
     prefix = f"[alignkit rank {rank}]" if rank not in (None, "0") else "[alignkit]"
     handler.setFormatter(logging.Formatter(f"{prefix} %(levelname)s %(message)s"))

@@ -120,3 +120,28 @@ def test_the_help_of_every_command_imports_no_heavy_library(tmp_path):
         proc = subprocess.run([sys.executable, "-c", probe, command], cwd=tmp_path, capture_output=True, text=True,
                               timeout=120)
         assert proc.stdout.split() == ["0", "[]"], (command, proc.stdout, proc.stderr[-2000:])
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(capsys):
+    """The handler made while stderr was a stream that is closed later (a test's capture, a progress bar's
+    redirect) must not print '--- Logging error ---' tracebacks on the next log line."""
+    import io
+    import logging
+
+    from alignkit.api import setup_logging
+
+    log = logging.getLogger("alignkit")
+    saved = log.handlers, log.level, log.propagate
+    log.handlers, real_stderr, first = [], sys.stderr, io.StringIO()
+    try:
+        sys.stderr = first
+        setup_logging()
+        log.info("first line")
+        sys.stderr = real_stderr
+        first.close()
+        log.info("second line")
+    finally:
+        sys.stderr = real_stderr
+        log.handlers, log.level, log.propagate = saved
+    err = capsys.readouterr().err
+    assert "second line" in err and "Logging error" not in err
