@@ -86,8 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ALIGNKIT_DEBUG") == "1"
-    if debug:
-        os.environ["ALIGNKIT_DEBUG"] = "1"  # the processes a launch starts inherit it
     argv = [a for a in argv if a != "--debug"]
     if argv[:1] and argv[0] in OWN_PARSERS:  # their own parsers take the rest
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
@@ -99,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignkit.api import setup_logging
 
     setup_logging()
+    debug_before = os.environ.get("ALIGNKIT_DEBUG")
+    if debug:
+        os.environ["ALIGNKIT_DEBUG"] = "1"  # the processes a launch starts inherit it
     try:
         return _run(args, argv)
     except AlignkitError as e:
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if not debug and another_process_failed():
             return 3  # a collective broke because a peer stopped on an error the launcher prints
         raise
+    finally:  # a main() called in-process (API users, tests) leaves the caller's environment as it was
+        if debug_before is None:
+            os.environ.pop("ALIGNKIT_DEBUG", None)
 
 
 def report_error(message: str) -> int:

@@ -333,6 +333,7 @@ def test_a_python_stage_that_raises_fails_in_one_line(tmp_path, monkeypatch, cap
     with pytest.raises(TrainingError, match="stage prepare failed") as info:  # --debug: the traceback
         main(["--debug", "pipeline", str(path)])
     assert isinstance(info.value.__cause__, ValueError)
+    assert "ALIGNKIT_DEBUG" not in os.environ  # --debug of one in-process call does not leak into the next
 
 
 # block style needs no quotes; inside [...] or {...} a reference must be quoted
