@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,6 +36,34 @@ def _fresh_accelerate_state():
         PartialState._reset_state()
     except Exception:
         pass
+
+
+class Crash(Exception):
+    """The kill of the resume tests: raised right after a checkpoint is written."""
+
+
+@contextlib.contextmanager
+def crash_after_checkpoint(monkeypatch, step: int, method: str | None = None):
+    """The run inside stops with :class:`Crash` right after it writes checkpoint ``step`` (of ``method``'s run
+    only, when given); afterwards checkpoints save normally and accelerate's state is fresh for the resume."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from alignkit.training import Checkpointer
+
+    real_save = Checkpointer.save
+
+    def save_then_crash(self, state):
+        path = real_save(self, state)
+        if state.step == step and method in (None, self.cfg.method):
+            raise Crash()
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        yield
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

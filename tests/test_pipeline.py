@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import crash_after_checkpoint
 
 from alignkit.config import ConfigError
 from alignkit.pipeline import SUMMARY_FILE, pipeline_main, read_state, run_pipeline
-from alignkit.training import Checkpointer
 
 # A Python step: writes the pipeline's data files and logs each call (a rerun must not call it again).
 STEPS = '''
@@ -183,10 +183,6 @@ def test_only_and_from_start_stages_over(tmp_path, tiny_model_dir, steps):
     assert (tmp_path / "calls.log").read_text().splitlines() == ["write_data"]
 
 
-class Crash(Exception):
-    pass
-
-
 def _sft_dpo(tmp_path: Path, model_dir: Path, steps: Path, out: str) -> Path:
     spec = {"output_dir": str(tmp_path / out), "defaults": _defaults(model_dir), "stages": [
         {"name": "data", "run": f"{steps}:write_data", "outputs": ["chat", "prefs"]},
@@ -203,18 +199,8 @@ def test_an_interrupted_stage_resumes_to_the_result_of_an_uninterrupted_run(tmp_
     run_pipeline(_sft_dpo(tmp_path, tiny_model_dir, steps, "straight"))
 
     path = _sft_dpo(tmp_path, tiny_model_dir, steps, "resumed")
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, state):
-        saved = real_save(self, state)
-        if self.cfg.method == "dpo" and state.step == 2:
-            raise Crash()
-        return saved
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 2, method="dpo"):
         run_pipeline(path)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
     records = read_state(tmp_path / "resumed")["stages"]
     assert (records["sft"]["status"], records["dpo"]["status"]) == ("done", "failed")
     sft_mtime = (tmp_path / "resumed/sft/model.safetensors").stat().st_mtime_ns

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WORD_SHARE_REWARD
+from conftest import WORD_SHARE_REWARD, crash_after_checkpoint
 
 import alignkit
 from alignkit import build_config
 from alignkit.config import ConfigError
 from alignkit.losses.rl import grpo_advantages, reinforce_pp_advantages, rloo_advantages
 from alignkit.testing import tiny_llama, tiny_tokenizer
-from alignkit.training import Checkpointer
 
 REWARD = WORD_SHARE_REWARD
 
@@ -258,36 +257,19 @@ def test_ppo_zero3_two_processes_generates_and_trains(tmp_path, tiny_model_dir, 
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
 
 
-class Crash(Exception):
-    pass
-
-
 def test_exact_resume(tmp_path, tiny_model_dir, prompts, reward_spec, monkeypatch):
     """6 steps straight == 3 steps, crash, resume, 3 more: same rewards, losses, KL coefficient and weights.
 
     Several updates per rollout (old log-probs), adaptive KL and running reward normalisation all carry state.
     """
-    from accelerate.state import AcceleratorState, GradientState
 
     kwargs = dict(training={"max_steps": 6, "save_steps": 3, "per_device_batch_size": 2,
                             "gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "learning_rate": 3e-3},
                   ppo_epochs=2, kl_target=0.5, kl_horizon=100, kl_coef=0.05, reward={"normalize": "running"})
     res_a = _train("grpo", tiny_model_dir, prompts, tmp_path / "straight", reward_spec, **kwargs)
 
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, state):
-        path = real_save(self, state)
-        if state.step == 3:
-            raise Crash()
-        return path
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 3):
         _train("grpo", tiny_model_dir, prompts, tmp_path / "resumed", reward_spec, **kwargs)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     torch.manual_seed(1234)  # a different global RNG state: resume must not depend on it
     kwargs["training"]["resume"] = "latest"
     res_b = _train("grpo", tiny_model_dir, prompts, tmp_path / "resumed", reward_spec, **kwargs)
@@ -305,7 +287,6 @@ def test_exact_resume(tmp_path, tiny_model_dir, prompts, reward_spec, monkeypatc
 
 def test_exact_resume_restores_policy_critic_and_kl_state(tmp_path, tiny_model_dir, prompts, reward_spec, monkeypatch):
     """6 steps straight == 3 steps, crash, resume, 3 more (adaptive KL, running reward normalisation)."""
-    from accelerate.state import AcceleratorState, GradientState
 
     def cfg(out, **training):
         return _ppo_config(tiny_model_dir, prompts, out, {"functions": [reward_spec], "normalize": "running"},
@@ -315,20 +296,8 @@ def test_exact_resume_restores_policy_critic_and_kl_state(tmp_path, tiny_model_d
                                  **training})
 
     res_a = alignkit.train("ppo", **cfg(tmp_path / "straight"))
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, state):
-        path = real_save(self, state)
-        if state.step == 3:
-            raise Crash()
-        return path
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 3):
         alignkit.train("ppo", **cfg(tmp_path / "resumed"))
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     torch.manual_seed(1234)
     res_b = alignkit.train("ppo", **cfg(tmp_path / "resumed", resume="latest"))
 

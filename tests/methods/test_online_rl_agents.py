@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import crash_after_checkpoint
 
 import alignkit
 from alignkit.config import ConfigError
-from alignkit.training import Checkpointer
 
 ENV = '''
 import re
@@ -150,29 +150,12 @@ def test_environment_tokens_get_no_gradient(tmp_path, ending_model_dir, prompts,
 
 
 def test_multi_turn_run_resumes_exactly(tmp_path, ending_model_dir, prompts, env_spec, monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
     kwargs = dict(training={"max_steps": 4, "save_steps": 2, "per_device_batch_size": 2,
                             "gradient_accumulation_steps": 2, "learning_rate": 3e-3}, ppo_epochs=2)
     res_a = _train("grpo", ending_model_dir, prompts, tmp_path / "straight", env_spec, **kwargs)
 
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, state):
-        path = real_save(self, state)
-        if state.step == 2:
-            raise Crash()
-        return path
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 2):
         _train("grpo", ending_model_dir, prompts, tmp_path / "resumed", env_spec, **kwargs)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     torch.manual_seed(1234)  # resume must not depend on the global RNG
     kwargs["training"]["resume"] = "latest"
     res_b = _train("grpo", ending_model_dir, prompts, tmp_path / "resumed", env_spec, **kwargs)

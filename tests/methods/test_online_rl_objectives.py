@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORD_SHARE_REWARD
+from conftest import WORD_SHARE_REWARD, crash_after_checkpoint
 
 import alignkit
 from alignkit import build_config
 from alignkit.config import ConfigError
 from alignkit.rollout.hf import HFSampler
-from alignkit.training import Checkpointer
 from tests.methods import test_online_rl as base
 
-Crash, _metrics = base.Crash, base._metrics
+_metrics = base._metrics
 _one_thread, prompts = base._one_thread, base.prompts  # the fixtures: one torch thread, 64 five-word prompts
 
 # prompts whose first word has an even letter sum score 0 whatever the completion: their groups carry no signal
@@ -150,7 +149,6 @@ def test_dynamic_sampling_refills_and_resumes_exactly(tmp_path, tiny_model_dir, 
     """Groups without signal (all rewards equal) never reach the update unless the refill bound is hit; the
     refill draws further prompts from the stream; 6 steps straight == 3 steps, crash, resume, 3 more: the same
     prompts consumed (samples, epoch), the same metrics and weights."""
-    from accelerate.state import AcceleratorState, GradientState
 
     res_a = _ds_run(tmp_path / "straight", tiny_model_dir, prompts, reward_file)
     a = _metrics(tmp_path / "straight")
@@ -162,20 +160,8 @@ def test_dynamic_sampling_refills_and_resumes_exactly(tmp_path, tiny_model_dir, 
     for s in samples:
         assert s["step"] in short or not _dead(s["prompt"]), s
 
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, state):
-        path = real_save(self, state)
-        if state.step == 3:
-            raise Crash()
-        return path
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 3):
         _ds_run(tmp_path / "resumed", tiny_model_dir, prompts, reward_file)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     torch.manual_seed(1234)
     res_b = _ds_run(tmp_path / "resumed", tiny_model_dir, prompts, reward_file, resume="latest")
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import crash_after_checkpoint
 
 from alignkit import build_config
 from alignkit.data import IGNORE_INDEX
 from alignkit.errors import TrainingError
 from alignkit.testing import tiny_llama, tiny_tokenizer
-from alignkit.training import Checkpointer, fit, setup_accelerator
+from alignkit.training import fit, setup_accelerator
 from alignkit.training.batches import BatchStream
 from alignkit.training.checkpoint import list_checkpoints
 from alignkit.training.optim import lr_lambda
@@ -54,10 +55,6 @@ def test_sft_loss_falls(tmp_path):
     assert (tmp_path / "config.json").is_file() and (tmp_path / "alignkit_config.yaml").is_file()
 
 
-class Crash(Exception):
-    pass
-
-
 def _lora(tok):
     from peft import LoraConfig, get_peft_model
 
@@ -78,22 +75,8 @@ def test_exact_resume(tmp_path, monkeypatch, finetune, group_by_length):
     res_a = _train(_cfg(straight, **geometry), make(), tok)
 
     resumed = tmp_path / "resumed"
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, state):
-        path = real_save(self, state)
-        if state.step == 3:
-            raise Crash()
-        return path
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 3):
         _train(_cfg(resumed, **geometry), make(), tok)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     torch.manual_seed(1234)  # a different RNG state: resume must restore the saved one
     res_b = _train(_cfg(resumed, **geometry, resume="latest"), make(), tok)
 
