@@ -84,6 +84,7 @@ from alignkit.models import load_model, load_tokenizer, resolve_dtype, unwrap_mo
 from alignkit.reference import load_reference, reference_logps
 from alignkit.rewards import RewardResult, RewardSourcesConfig, build_reward, episode_rewards, prompt_text
 from alignkit.rollout import Rollout, RolloutBatch, SamplingConfig, build_sampler
+from alignkit.rollout.ahead import rollouts_ahead
 from alignkit.rollout.multiturn import EnvironmentConfig, MultiTurnSampler
 from alignkit.training import (
     Checkpointer,
@@ -159,6 +160,11 @@ class OnlineRLConfig:
                                              "(sequence). Any method; with the HF sampler in fp32 rho is 1.")
     mismatch_seq_level: str = opt("geometric", "rho of mismatch_seq_threshold: geometric (exp of the mean "
                                                "per-token log ratio) or sequence (the product over the sequence).")
+    async_steps: int = opt(0, "Asynchronous rollouts (docs/rollouts_and_rewards.md): the rollouts of the next "
+                              "async_steps steps are sampled while the current step trains, by a policy at most "
+                              "async_steps updates old (logged as async/staleness); the trainer recomputes the old "
+                              "log-probs, tis_cap / mismatch_seq_threshold correct for the sampler's. 0 = sample "
+                              "each step's rollout right before it trains. hf or vllm_server.")
     policy_loss: str = opt("ppo_clip", "Policy objective (docs/reasoning.md): ppo_clip (token ratio clipped to "
                                        "clip_eps/clip_eps_high), gspo (sequence ratio, gspo_clip_eps*; meant for "
                                        "GRPO/RLOO's sequence advantages, with PPO/REINFORCE++ each token keeps its "
@@ -247,6 +253,7 @@ class OnlineRLConfig:
                 raise ConfigError(f"{m}.{key}={getattr(self, key)!r}: must be {rule}.")
         check_choice(f"{m}.policy_loss", self.policy_loss, POLICY_LOSSES)
         check_choice(f"{m}.mismatch_seq_level", self.mismatch_seq_level, MISMATCH_LEVELS)
+        self._check_async(run)
         if self.dynamic_sampling and m not in ("grpo", "rloo"):
             raise ConfigError(f"{m}.dynamic_sampling: {m} has no groups of samples per prompt to filter; it is for "
                               "grpo and rloo only, set it to false.")
@@ -268,6 +275,29 @@ class OnlineRLConfig:
                 f"x {t.gradient_accumulation_steps} = {minibatch} rows per optimizer update. Change one of them so "
                 "the rollout splits into whole minibatches."
             )
+
+    def _check_async(self, run: RunConfig) -> None:
+        m, sampler, t = run.method, self.generation.sampler, run.training
+        if self.async_steps < 0:
+            raise ConfigError(f"{m}.async_steps={self.async_steps}: must be >= 0 (0 = synchronous).")
+        if not self.async_steps:
+            return
+        off = f"or set {m}.async_steps: 0"
+        why = {"dynamic_sampling": self.dynamic_sampling and "its refills draw prompts at training time",
+               "environment": self.environment.enabled and "multi-turn episodes sample between updates"}
+        for key, reason in why.items():
+            if reason:
+                raise ConfigError(f"{m}.async_steps with {m}.{key}: {reason}; turn {key} off {off}.")
+        if sampler == "vllm":
+            raise ConfigError(f"{m}.async_steps with {m}.generation.sampler=vllm: the colocated engine samples in the "
+                              f"training process between updates; use generation.sampler=vllm_server (or hf) {off}.")
+        if sampler == "hf" and (t.fsdp or t.deepspeed not in (None, "zero1", "zero2")):
+            raise ConfigError(f"{m}.async_steps with generation.sampler=hf samples from a copy of the policy, which "
+                              f"training.{'fsdp' if t.fsdp else 'deepspeed'} shards; use generation.sampler="
+                              f"vllm_server {off}.")
+        if sampler == "hf" and not self.disable_dropout:
+            raise ConfigError(f"{m}.async_steps with generation.sampler=hf seeds torch's global generator while "
+                              f"training runs, which dropout draws from; set {m}.disable_dropout: true {off}.")
 
     @property
     def uses_reference(self) -> bool:
@@ -631,25 +661,37 @@ def run(cfg: RunConfig) -> dict:
     on_policy = args.ppo_epochs == 1 and n_updates == 1
     need_old = (critic is not None or not on_policy or args.tis_cap is not None or args.mismatch_seq_threshold > 0
                 or (args.uses_reference and args.kl_penalty == "reward"))
-    old_from_sampler = need_old and sampler_logps_are_the_trainers(args, accelerator.mixed_precision, cfg.model.dtype)
+    # a rollout sampled ahead comes from an older policy: the old log-probs are the trainer's, recomputed
+    old_from_sampler = (need_old and not args.async_steps
+                        and sampler_logps_are_the_trainers(args, accelerator.mixed_precision, cfg.model.dtype))
     if old_from_sampler:
         logger.info(f"{method}: the old log-probs come from the sampler (fp32, full softmax): one forward less")
     batches = prompts.iterate(state.micro_step)
+    want_logps = args.tis_cap is not None or args.mismatch_seq_threshold > 0 or old_from_sampler
+    ahead = None
+    if args.async_steps:  # the next steps' rollouts are sampled while this one trains (alignkit.rollout.ahead)
+        ahead = rollouts_ahead(sampler, inner_policy if critic is not None else sample_from, batches,
+                               depth=args.async_steps, end=max_steps, logps=want_logps,
+                               seed=lambda step: derived_seed(t.seed, step, rank))
+        ahead.push(sample_from, state.step)
     last: dict[str, float] = {}
 
     while state.step < max_steps:
         step_start, metrics = time.perf_counter(), MetricSums()
-        rows = next(batches)
-        state.micro_step += 1
+        if ahead is not None:  # sampled while earlier steps trained, by a policy <= async_steps updates old
+            rows, rollout, staleness, took = ahead.take(state.step)
+            metrics.add("async/staleness", staleness)
+        else:
+            rows = next(batches)
+        state.micro_step += 1  # the prompt batches trained on: a resume samples the ones after them (again)
 
         # 1. rollout: num_samples responses per prompt
-        want_logps = args.tis_cap is not None or args.mismatch_seq_threshold > 0 or old_from_sampler
         if multi_turn:
             rollout = sampler.generate_episodes(sample_from, rows, seed=derived_seed(t.seed, state.step, rank),
                                                 logps=want_logps, any_running=lambda x: any_process(accelerator, x))
             for k, (s, c) in rollout.episodes.metrics().items():
                 metrics.add(k, s, c)
-        else:
+        elif ahead is None:
             rollout = sampler.generate(sample_from, [r["prompt_ids"] for r in rows],
                                        seed=derived_seed(t.seed, state.step, rank), logps=want_logps)
         sampler.sleep()  # vLLM on a GPU frees its memory for the update; the next generate wakes and re-syncs it
@@ -757,6 +799,10 @@ def run(cfg: RunConfig) -> dict:
                             metrics.add("loss/value", float(v_loss.detach()) * n_tok, n_tok)
                             metrics.add("value_clipfrac", float(v_clipfrac) * n_tok, n_tok)
                 run_.update(bad)
+        if ahead is not None:  # the new weights to the sampler (after the rollouts in flight), the next rollout starts
+            waited, synced = ahead.push(sample_from, state.step + 1)
+            metrics.add("async/gen_wait", took + waited)  # the trainer's waits for rollouts in this step
+            metrics.add("async/weight_sync", synced)
 
         # 6. KL controller, metrics, samples, checkpoints
         state.step += 1
@@ -779,7 +825,7 @@ def run(cfg: RunConfig) -> dict:
                 write_samples(run_.output_dir / "samples.jsonl", state.step, rollout, rows, result, args.log_samples)
         run_.save_if_due()
 
-    sampler.close()
+    (ahead if ahead is not None else sampler).close()
     run_.finish()
     out = run_.summary(train=last, data_stats=splits.stats)
     if critic is not None:

@@ -43,7 +43,7 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,6 +335,8 @@ class VLLMServerSampler:
         self._adapter_folder: Path | None = None
         self._told_merged = False
         self._nccl = None
+        self._synced_model: torch.nn.Module | None = None  # what the servers answer with (submit)
+        self._background: ThreadPoolExecutor | None = None
         self.last_sync_seconds: float | None = None
         self.servers: list[Server] = []
         self._processes: list[subprocess.Popen] = []
@@ -479,6 +481,7 @@ class VLLMServerSampler:
         """Send the policy's current weights (or its LoRA adapter) to every server, then drop their prefix
         caches. Process 0 sends; every process calls this (ZeRO-3 gathers are collectives)."""
         inner = unwrap_model(model)
+        self._synced_model = model
         frozen = not any(p.requires_grad for p in inner.parameters())
         if frozen and self._frozen_synced is not None and self._frozen_synced() is inner:
             return
@@ -594,13 +597,31 @@ class VLLMServerSampler:
         """Send the weights of ``model`` to the servers, then sample ``num_samples`` responses per prompt.
 
         ``seed``: reproducible sampling (one seed per prompt); ``logps``: fill ``Rollout.sampler_logps``."""
-        prompts = check_prompts(prompts)
+        prompts = self._open(prompts)
+        self.sync_weights(model)
+        return self._sample(model, prompts, seed, logps)
+
+    def submit(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None, logps: bool = False) -> Future:
+        """:meth:`generate` without the weight sync, in a background thread (``async_steps``: the requests
+        are in flight while the policy trains): the weights of the last :meth:`sync_weights` answer. The
+        future's result is the :class:`Rollout`."""
+        prompts = self._open(prompts)
+        if self._synced_model is None:
+            raise AlignkitError("vllm_server: submit() before sync_weights(): the servers' weights are unknown.")
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-vllm-server")
+        return self._background.submit(self._sample, self._synced_model, prompts, seed, logps)
+
+    def _open(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         if not self.servers:
             raise AlignkitError("this vllm_server sampler was closed.")
+        return check_prompts(prompts)
+
+    @torch.no_grad()
+    def _sample(self, model: torch.nn.Module, prompts: list[list[int]], seed: int | None, logps: bool) -> Rollout:
         c = self.config
         inner = unwrap_model(model)
         eos_ids = eos_token_ids(self.tokenizer, inner)
-        self.sync_weights(model)
         model_name = LORA_NAME if self._adapter_loaded and self._use_adapter(inner) else None
 
         def one(i: int) -> list[dict]:
@@ -633,6 +654,10 @@ class VLLMServerSampler:
 
     def close(self) -> None:
         """Stop the servers started here (URLs given: they keep running) and remove the sync folder."""
+        if self._background is not None:
+            self._background.shutdown(wait=True)
+            self._background = None
+        self._synced_model = None
         if self._nccl is not None:
             for sender in self._nccl:
                 sender.close()
