@@ -207,9 +207,9 @@ class OnlineRLConfig:
         self.generation.check(f"{m}.generation")
         self.reward.check(f"{m}.reward", other_sources=self.environment.enabled)
         self.environment.check(f"{m}.environment")
-        if self.environment.enabled and self.generation.sampler != "hf":
-            raise ConfigError(f"{m}.environment: multi-turn episodes run on the hf sampler for now, not "
-                              f"{m}.generation.sampler={self.generation.sampler}; set {m}.generation.sampler=hf.")
+        if self.environment.enabled and self.generation.sampler == "vllm_server":
+            raise ConfigError(f"{m}.environment: multi-turn episodes run on the hf and vllm samplers, not "
+                              f"{m}.generation.sampler=vllm_server; set {m}.generation.sampler=vllm (colocated) or hf.")
         sampler = self.generation.sampler
         if run.training.fsdp and sampler in ("vllm", "vllm_server") and (
                 m == "ppo" or (sampler == "vllm_server" and self.generation.vllm_server_lora

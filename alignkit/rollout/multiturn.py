@@ -3,9 +3,11 @@
 Token in, token out. An episode is one token sequence that only grows:
 
 1. the prompt: the environment's first messages through the chat template (with its ``tools``);
-2. each turn, the policy samples from the whole sequence so far (the hf sampler, one batch per turn over
-   the episodes still running); the sampled tokens are appended as they are, end-of-turn token included,
-   and are the only tokens trained on (``Rollout.action_mask``);
+2. each turn, the policy samples from the whole sequence so far, given as token ids (one batch per turn
+   over the episodes still running: ``model.generate`` with the hf sampler, the colocated engine's
+   ``TokensPrompt`` requests with the vllm sampler, whose weights are synced once per rollout); the sampled
+   token ids and their log-probs come back as they are, end-of-turn token included, are appended, and are
+   the only tokens trained on (``Rollout.action_mask``);
 3. their text is parsed into an assistant message (tool calls through transformers' response parser) and
    given to the environment, whose reply messages are rendered by the chat template ONCE, as the text the
    template adds after the assistant's end-of-turn token up to the next generation prompt, tokenized and
@@ -15,15 +17,17 @@ Nothing sampled is ever decoded and re-tokenized, so the log-prob the trainer co
 sequence is the log-prob of exactly the token the sampler drew, in the context it drew it in.
 
 An episode stops when the environment says ``done``, after ``max_turns`` assistant turns, when its tokens
-after the prompt would pass ``max_episode_tokens``, when a turn ends without the end-of-turn token
-(``max_new_tokens``; the environment still gets that turn and may score it), or when the environment took
-more than ``timeout_s`` seconds in all; the reason is kept per episode (``Episodes.stop``) and counted in
-the metrics.
+after the prompt would pass ``max_episode_tokens`` (or vLLM's context, ``vllm_max_model_len``), when a turn
+ends without the end-of-turn token (``max_new_tokens``; the environment still gets that turn and may score
+it), or when the environment took more than ``timeout_s`` seconds in all (each call runs in a daemon thread:
+one that never returns is left behind, it neither blocks the rollout nor the process's exit); the reason is
+kept per episode (``Episodes.stop``, ``stop`` in samples.jsonl) and counted in the metrics (``env/stop_*``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,7 +37,7 @@ import torch
 
 from alignkit.config import ConfigError, opt
 from alignkit.data import attention_mask_from_lengths, pad
-from alignkit.models import unwrap_model
+from alignkit.models import resolve_dtype, unwrap_model
 from alignkit.rollout.batch import Rollout, eos_token_ids, pad_token_id
 from alignkit.rollout.config import SamplingConfig
 from alignkit.rollout.environment import (
@@ -44,6 +48,7 @@ from alignkit.rollout.environment import (
     parse_assistant_turn,
 )
 from alignkit.rollout.hf import HFSampler
+from alignkit.rollout.weights import request_seed
 from alignkit.rollout.zero3 import zero3_params
 
 STOPS = ("done", "max_turns", "token_budget", "no_eos", "timeout")
@@ -124,8 +129,8 @@ def environment_tokens(tokenizer, conversation: list[dict], replies: list[dict],
 
 
 class _Episode:
-    def __init__(self, env, messages: list[dict], prompt: list[int]):
-        self.env, self.messages, self.prompt = env, messages, prompt
+    def __init__(self, index: int, env, messages: list[dict], prompt: list[int]):
+        self.index, self.env, self.messages, self.prompt = index, env, messages, prompt
         self.tokens: list[int] = []  # after the prompt
         self.action: list[int] = []  # 1 on sampled tokens
         self.logps: list[float] = []
@@ -139,39 +144,56 @@ class _Episode:
 
 
 class MultiTurnSampler:
-    """Episodes of the policy with an environment (module docstring), with the hf sampler's settings
-    (temperature, top-k/top-p, ``max_new_tokens`` per turn, ``batch_size``); ``num_samples`` episodes per
-    prompt row, consecutive rows as in single-turn rollouts."""
+    """Episodes of the policy with an environment (module docstring), with the sampler's settings
+    (``sampler`` hf or vllm, temperature, top-k/top-p, ``max_new_tokens`` per turn, hf's ``batch_size``);
+    ``num_samples`` episodes per prompt row, consecutive rows as in single-turn rollouts.
+
+    With ``sampler: vllm`` the colocated engine (:class:`~alignkit.rollout.vllm.VLLMSampler`) is built from
+    ``model_name_or_path`` in ``dtype`` (``model.dtype``), or at the first rollout from the policy's own
+    ``name_or_path`` and parameter dtype when they are not given."""
 
     def __init__(self, tokenizer, sampling: SamplingConfig, environment: EnvironmentConfig,
-                 factory: Callable[[Mapping[str, Any]], Any] | None = None, device=None, where: str = "environment"):
+                 factory: Callable[[Mapping[str, Any]], Any] | None = None, device=None, where: str = "environment",
+                 *, model_name_or_path: str | None = None, dtype: str | None = None, seed: int = 0,
+                 policy: torch.nn.Module | None = None):
         sampling.check()
         environment.check()
-        if sampling.sampler != "hf":
-            raise ConfigError(f"{where}: multi-turn rollouts run on the hf sampler for now; set generation.sampler=hf.")
+        if sampling.sampler not in ("hf", "vllm"):
+            raise ConfigError(f"{where}: multi-turn rollouts run on the hf and vllm samplers, not "
+                              f"generation.sampler={sampling.sampler}; set generation.sampler=vllm or hf.")
         if factory is None and not environment.factory:
             raise ConfigError(f"{where}.factory is not set: name the environment factory (file.py:make_env).")
         self.tokenizer, self.sampling, self.config, self.device, self.where = tokenizer, sampling, environment, device, where
         self.factory = factory or load_environment(environment.factory)
+        self.engine = None  # the vllm sampler
+        self._engine_args = dict(dtype=dtype, seed=seed, policy=policy)
+        if sampling.sampler == "vllm" and model_name_or_path:
+            self._start_engine(model_name_or_path)
+
+    def _start_engine(self, model_name_or_path: str, model: torch.nn.Module | None = None) -> None:
+        from alignkit.rollout.vllm import VLLMSampler
+
+        args = dict(self._engine_args)
+        if args["dtype"] is None:  # the policy's own (it was loaded in model.dtype)
+            floats = [p.dtype for p in (model.parameters() if model is not None else []) if p.is_floating_point()]
+            args["dtype"] = str(floats[0]) if floats else "auto"
+        args["dtype"] = str(resolve_dtype(args["dtype"])).removeprefix("torch.")
+        self.engine = VLLMSampler(model_name_or_path, self.tokenizer, self.sampling, **args)
 
     def sleep(self) -> None:
-        """Nothing to free (the training model samples)."""
+        """vLLM on a GPU frees its memory until the next rollout; the hf sampler has nothing to free."""
+        if self.engine is not None:
+            self.engine.sleep()
 
     def close(self) -> None:
-        """Nothing to shut down."""
+        """Shut the vLLM engine down (hf: nothing to do)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
-    def _call(self, pool, ep: _Episode, fn, arg):
+    def _call(self, ep: _Episode, fn, arg):
         """``fn(arg)`` within what is left of the episode's environment time; None on timeout (episode stopped)."""
-        left = self.config.timeout_s - ep.env_seconds
-        start = time.perf_counter()
-        future = pool.submit(fn, arg)
-        try:
-            return future.result(timeout=max(left, 0.0))
-        except concurrent.futures.TimeoutError:
-            ep.stop = "timeout"
-            return None
-        finally:
-            ep.env_seconds += time.perf_counter() - start
+        return self._wait(ep, _start(fn, arg), check=False)
 
     @torch.no_grad()
     def generate_episodes(self, model: torch.nn.Module, rows: Sequence[Mapping[str, Any]], *, seed: int | None = None,
@@ -192,73 +214,97 @@ class MultiTurnSampler:
         pad_id = pad_token_id(tok, eos_ids)
         end_of_turn = tok.decode([eos_ids[0]])
         prompt_index = torch.arange(len(rows)).repeat_interleave(k)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(32, max(1, len(prompt_index))))
-        try:
-            episodes = []
-            for i in prompt_index.tolist():
-                env = make_episode_env(self.factory, rows[i], self.where)
-                ep = _Episode(env, [], [])
-                first = self._call(pool, ep, env.reset, rows[i])
-                messages = list(first) if first is not None else _row_messages(rows[i], self.where)
-                tools = getattr(env, "tools", None)
-                ep.messages = messages
-                ep.prompt = list(tok(_render(tok, messages, tools, True), add_special_tokens=False)["input_ids"])
-                episodes.append(ep)
-            for turn in range(c.max_turns):
-                active = [ep for ep in episodes if ep.stop is None]
-                if not (any_running(bool(active)) if any_running is not None else active):
-                    break
-                if not active:  # other processes still sample: take part in the (collective) generate
+        if self.sampling.sampler == "vllm":  # the weights go in once per rollout (collective under ZeRO-3)
+            if self.engine is None:
+                path = getattr(inner, "name_or_path", None)
+                if not path:
+                    raise ConfigError(f"{self.where}: generation.sampler=vllm builds vLLM from the policy's checkpoint, "
+                                      "but the policy has no name_or_path; load it from a folder (model.name_or_path).")
+                self._start_engine(path, inner)
+            self.engine.ready(model)
+        context = self.engine.max_model_len if self.engine is not None else None
+        episodes = []
+        for index, i in enumerate(prompt_index.tolist()):
+            env = make_episode_env(self.factory, rows[i], self.where)
+            ep = _Episode(index, env, [], [])
+            first = self._call(ep, env.reset, rows[i])
+            messages = list(first) if first is not None else _row_messages(rows[i], self.where)
+            tools = getattr(env, "tools", None)
+            ep.messages = messages
+            ep.prompt = list(tok(_render(tok, messages, tools, True), add_special_tokens=False)["input_ids"])
+            episodes.append(ep)
+        for turn in range(c.max_turns):
+            for ep in episodes:  # vLLM's context is full: no room for another turn
+                if ep.stop is None and context is not None and len(ep.prompt) + len(ep.tokens) >= context:
+                    ep.stop = "token_budget"
+            active = [ep for ep in episodes if ep.stop is None]
+            if not (any_running(bool(active)) if any_running is not None else active):
+                break
+            turn_seed = None if seed is None else (seed * 1_000_003 + turn) % 2**63
+            if not active:  # other processes still sample: take part in the collective generate (ZeRO-3's
+                # gathers for hf, the tensor-parallel group's for vllm)
+                if self.engine is not None:
+                    self.engine.sample([], eos_ids, n=1)
+                else:
                     HFSampler(tok, replace(self.sampling, max_new_tokens=1, **per_turn), device=self.device,
                               synced_gpus=True).generate(model, [[pad_id]], seed=seed)
-                    continue
-                room = [min(self.sampling.max_new_tokens, c.max_episode_tokens - len(ep.tokens)) for ep in active]
+                continue
+            room = [min(self.sampling.max_new_tokens, c.max_episode_tokens - len(ep.tokens),
+                        context - len(ep.prompt) - len(ep.tokens) if context is not None else c.max_episode_tokens)
+                    for ep in active]
+            contexts = [ep.prompt + ep.tokens for ep in active]
+            if self.engine is not None:  # token ids in, token ids and their log-probs out
+                seeds = None if turn_seed is None else [request_seed(turn_seed, ep.index) for ep in active]
+                sampled, sampled_logps = self.engine.sample(contexts, eos_ids, seeds=seeds, max_new_tokens=room, n=1,
+                                                            logps=logps)
+            else:
                 turn_sampler = HFSampler(tok, replace(self.sampling, max_new_tokens=max(room), **per_turn),
                                          device=self.device, synced_gpus=True if zero3 else None)
-                turn_seed = None if seed is None else (seed * 1_000_003 + turn) % 2**63
-                out = turn_sampler.generate(model, [ep.prompt + ep.tokens for ep in active], seed=turn_seed,
-                                            logps=logps)
+                out = turn_sampler.generate(model, contexts, seed=turn_seed, logps=logps)
                 lengths = out.response_lengths.tolist()
-                steps = []
-                for j, ep in enumerate(active):
-                    n = min(lengths[j], room[j])
-                    ids = out.response_ids[j, :n].tolist()
-                    ep.append(ids, True, out.sampler_logps[j, :n].tolist() if logps else None)
-                    ep.turns += 1
-                    ep.ended_with_eos = bool(ids) and ids[-1] in eos_ids
-                    if not ep.ended_with_eos:  # cut by the turn's max_new_tokens or the episode's budget: the
-                        # environment still sees (and may score) the cut turn, then the episode ends
-                        ep.stop = "no_eos" if n >= self.sampling.max_new_tokens else "token_budget"
-                    text = tok.decode(ids[:-1] if ep.ended_with_eos else ids, skip_special_tokens=False)
-                    message = parse_assistant_turn(tok, text, getattr(ep.env, "tools", None))
-                    steps.append((ep, message, pool.submit(_timed, ep.env.step, message)))
-                for ep, message, future in steps:
-                    result = self._wait(ep, future)
-                    conversation = ep.messages + [message]
-                    ep.messages = conversation
-                    if result is None:
-                        continue
-                    ep.reward += float(result.reward)
-                    ep.tool_calls += int(result.info.get("tool_calls", len(message.get("tool_calls") or [])))
-                    ep.tool_errors += int(result.info.get("tool_errors", 0))
-                    if result.done or ep.stop is not None:
-                        ep.stop = "done" if result.done and ep.stop is None else ep.stop
-                        continue
-                    if turn + 1 == c.max_turns:
-                        ep.stop = "max_turns"
-                        continue
-                    ids = environment_tokens(tok, conversation, list(result.messages), getattr(ep.env, "tools", None),
-                                             end_of_turn)
-                    ep.messages = conversation + list(result.messages)
-                    if len(ep.tokens) + len(ids) >= c.max_episode_tokens:  # no room left for another turn
-                        ep.stop = "token_budget"
-                        continue
-                    ep.append(ids, False)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+                sampled = [out.response_ids[j, :lengths[j]].tolist() for j in range(len(active))]
+                sampled_logps = [out.sampler_logps[j, :lengths[j]].tolist() for j in range(len(active))] if logps \
+                    else None
+            steps = []
+            for j, ep in enumerate(active):
+                n = min(len(sampled[j]), room[j])
+                ids = sampled[j][:n]
+                ep.append(ids, True, sampled_logps[j][:n] if logps else None)
+                ep.turns += 1
+                ep.ended_with_eos = bool(ids) and ids[-1] in eos_ids
+                if not ep.ended_with_eos:  # cut by the turn's max_new_tokens or the episode's budget: the
+                    # environment still sees (and may score) the cut turn, then the episode ends
+                    ep.stop = "no_eos" if n >= self.sampling.max_new_tokens else "token_budget"
+                text = tok.decode(ids[:-1] if ep.ended_with_eos else ids, skip_special_tokens=False)
+                message = parse_assistant_turn(tok, text, getattr(ep.env, "tools", None))
+                steps.append((ep, message, _start(ep.env.step, message)))
+            for ep, message, future in steps:
+                result = self._wait(ep, future)
+                conversation = ep.messages + [message]
+                ep.messages = conversation
+                if result is None:
+                    continue
+                ep.reward += float(result.reward)
+                ep.tool_calls += int(result.info.get("tool_calls", len(message.get("tool_calls") or [])))
+                ep.tool_errors += int(result.info.get("tool_errors", 0))
+                if result.done or ep.stop is not None:
+                    ep.stop = "done" if result.done and ep.stop is None else ep.stop
+                    continue
+                if turn + 1 == c.max_turns:
+                    ep.stop = "max_turns"
+                    continue
+                ids = environment_tokens(tok, conversation, list(result.messages), getattr(ep.env, "tools", None),
+                                         end_of_turn)
+                ep.messages = conversation + list(result.messages)
+                if len(ep.tokens) + len(ids) >= c.max_episode_tokens:  # no room left for another turn
+                    ep.stop = "token_budget"
+                    continue
+                ep.append(ids, False)
         return self._rollout(episodes, prompt_index, pad_id, logps)
 
-    def _wait(self, ep: _Episode, future) -> StepResult | None:
+    def _wait(self, ep: _Episode, future, check: bool = True):
+        """The result of an environment call (:func:`_start`) within what is left of the episode's environment
+        time; None when that ran out (the episode stops: ``timeout``)."""
         left = self.config.timeout_s - ep.env_seconds
         try:
             result, seconds = future.result(timeout=max(left, 0.0))
@@ -269,7 +315,7 @@ class MultiTurnSampler:
         if ep.env_seconds > self.config.timeout_s:
             ep.stop = "timeout"
             return None
-        if not isinstance(result, StepResult):
+        if check and not isinstance(result, StepResult):
             raise AgentEnvironmentError(f"{self.where}: step() returned {type(result).__name__}; return "
                                     "alignkit.rollout.environment.StepResult(messages, reward, done).")
         return result
@@ -306,9 +352,23 @@ class MultiTurnSampler:
         return rollout
 
 
-def _timed(fn, arg) -> tuple[Any, float]:
-    start = time.perf_counter()
-    return fn(arg), time.perf_counter() - start
+def _start(fn, arg) -> concurrent.futures.Future:
+    """``fn(arg)`` in a daemon thread of its own; the future gives ``(result, seconds)``. Not a thread pool: a
+    pool's threads are joined at interpreter exit, so an environment call that never returns (past its
+    timeout) would keep the process from exiting; a daemon thread is left behind instead."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def call() -> None:
+        start = time.perf_counter()
+        try:
+            result = fn(arg)
+        except BaseException as e:  # noqa: BLE001 - re-raised by future.result() in the rollout
+            future.set_exception(e)
+        else:
+            future.set_result((result, time.perf_counter() - start))
+
+    threading.Thread(target=call, daemon=True, name="alignkit-environment").start()
+    return future
 
 
 def _row_messages(row: Mapping[str, Any], where: str) -> list[dict]:

@@ -303,12 +303,74 @@ class VLLMSampler:
 
     # -------------------------------------------------------------------------------------------- sampling
 
-    def _sampling_params(self, eos_ids: list[int], seed: int | None, logps: bool):
+    def _sampling_params(self, eos_ids: list[int], seed: int | None, logps: bool, n: int, max_tokens: int):
         c = self.config
         return self._vllm.SamplingParams(
-            n=c.num_samples, max_tokens=c.max_new_tokens, stop_token_ids=eos_ids, seed=seed, detokenize=False,
+            n=n, max_tokens=max_tokens, stop_token_ids=eos_ids, seed=seed, detokenize=False,
             temperature=0.0 if c.greedy else c.temperature, top_p=1.0 if c.greedy else c.top_p,
             top_k=0 if c.greedy else c.top_k, logprobs=0 if logps else None)
+
+    @property
+    def max_model_len(self) -> int:
+        """vLLM's context length: prompt and response tokens of one sequence together."""
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    @torch.no_grad()
+    def ready(self, model: torch.nn.Module) -> list[int]:
+        """Wake vLLM up (sleep mode) and sync the weights of ``model`` into it; returns the eos ids to stop at.
+
+        :meth:`generate` calls it; multi-turn rollouts call it once, then :meth:`sample` once per turn."""
+        if self.llm is None:
+            raise AlignkitError("this vllm sampler was closed.")
+        if self._asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        self.sync_weights(model)
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        return eos_token_ids(self.tokenizer, unwrap_model(model))
+
+    def sample(self, prompts: Sequence[Sequence[int]], eos_ids: list[int], *, seeds: Sequence[int] | None = None,
+               max_new_tokens: Sequence[int] | None = None, n: int | None = None, logps: bool = False
+               ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """``n`` (default ``num_samples``) responses per prompt from vLLM's weights as they are (no sync: call
+        :meth:`ready` first), prompt-major, and with ``logps`` their tokens' log-probs.
+
+        ``seeds``, ``max_new_tokens``: one per prompt (default: vLLM's generator, ``config.max_new_tokens``).
+        The prompts are token ids and the responses come back as token ids: nothing is decoded or re-tokenized.
+        With ``vllm_tensor_parallel_size`` > 1 every member of a group calls it together, each with its own
+        prompts (possibly none), and gets its own share back."""
+        c = self.config
+        n = c.num_samples if n is None else n
+        caps = list(max_new_tokens) if max_new_tokens is not None else [c.max_new_tokens] * len(prompts)
+        mine = [(list(p), s, int(m)) for p, s, m in zip(prompts, seeds or [None] * len(prompts), caps, strict=True)]
+        groups = [mine]
+        if self.tp_group is not None:  # every member of a TP group generates the group's prompts
+            groups = [None] * c.vllm_tensor_parallel_size
+            torch.distributed.all_gather_object(groups, mine, group=self.tp_group)
+        everything = [request for group in groups for request in group]
+        if not everything:  # the whole group is idle (a multi-turn rollout whose episodes are over)
+            return [], [] if logps else None
+        requests = [{"prompt_token_ids": p} for p, _, _ in everything]
+        params = [self._sampling_params(eos_ids, s, logps, n, m) for _, s, m in everything]
+        # vLLM draws from the global RNG even when every request has its own seed; with seeds, as the hf
+        # sampler, leave the trainer's RNG as it was
+        with _global_rng_kept() if seeds is not None else contextlib.nullcontext():
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        completions = [sorted(out.outputs, key=lambda o: o.index) for out in outputs]
+        responses = [list(o.token_ids) for row in completions for o in row]
+        response_logps = None
+        if logps:
+            response_logps = [[o.logprobs[j][t].logprob for j, t in enumerate(o.token_ids)]
+                              for row in completions for o in row]
+        if self.tp_group is not None:  # keep this process's share
+            rank = torch.distributed.get_rank(group=self.tp_group)
+            start = sum(len(group) for group in groups[:rank]) * n
+            share = slice(start, start + len(mine) * n)
+            responses = responses[share]
+            response_logps = response_logps[share] if response_logps is not None else None
+        return responses, response_logps
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, seed: int | None = None,
@@ -320,44 +382,14 @@ class VLLMSampler:
         prompts = check_prompts(prompts)
         if self.llm is None:
             raise AlignkitError("this vllm sampler was closed.")
-        c = self.config
-        inner = unwrap_model(model)
-        eos_ids = eos_token_ids(self.tokenizer, inner)
-        if self._asleep:
-            torch.cuda.empty_cache()
-            self.llm.wake_up(tags=["weights"])
-        self.sync_weights(model)
-        if self._asleep:
-            self.llm.wake_up(tags=["kv_cache"])
-            self._asleep = False
-
-        groups = [(prompts, seed)]
-        if self.tp_group is not None:  # every member of a TP group generates the group's prompts
-            groups = [None] * c.vllm_tensor_parallel_size
-            torch.distributed.all_gather_object(groups, (prompts, seed), group=self.tp_group)
-        requests = [{"prompt_token_ids": p} for group, _ in groups for p in group]
-        params = [self._sampling_params(eos_ids, None if s is None else request_seed(s, i), logps)
-                  for group, s in groups for i in range(len(group))]
-        # vLLM draws from the global RNG even when every request has its own seed; with a seed, as the hf
-        # sampler, leave the trainer's RNG as it was
-        with _global_rng_kept() if seed is not None else contextlib.nullcontext():
-            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        completions = [sorted(out.outputs, key=lambda o: o.index) for out in outputs]
-        responses = [list(o.token_ids) for row in completions for o in row]
-        response_logps = None
-        if logps:
-            response_logps = [[o.logprobs[j][t].logprob for j, t in enumerate(o.token_ids)]
-                              for row in completions for o in row]
-        if self.tp_group is not None:  # keep this process's share
-            rank = torch.distributed.get_rank(group=self.tp_group)
-            start = sum(len(group) for group, _ in groups[:rank]) * c.num_samples
-            share = slice(start, start + len(prompts) * c.num_samples)
-            responses = responses[share]
-            response_logps = response_logps[share] if response_logps is not None else None
-        prompt_index = torch.arange(len(prompts)).repeat_interleave(c.num_samples)
+        eos_ids = self.ready(model)
+        seeds = None if seed is None else [request_seed(seed, i) for i in range(len(prompts))]
+        responses, response_logps = self.sample(prompts, eos_ids, seeds=seeds, logps=logps)
+        k = self.config.num_samples
+        prompt_index = torch.arange(len(prompts)).repeat_interleave(k)
         expanded = [prompts[i] for i in prompt_index.tolist()]
         return build_rollout(expanded, responses, prompt_index, eos_ids, pad_token_id(self.tokenizer, eos_ids),
-                             self.tokenizer, model_device(inner), logps=response_logps)
+                             self.tokenizer, model_device(unwrap_model(model)), logps=response_logps)
 
     def close(self) -> None:
         """Shut vLLM down and free its memory (garbage collection does it too); the trainer's process

@@ -173,8 +173,9 @@ def test_environment_config_errors_name_the_keys(tmp_path, ending_model_dir, pro
     with pytest.raises(ConfigError, match="grpo.environment.max_turns"):
         _train("grpo", ending_model_dir, prompts, tmp_path / "a", env_spec,
                environment={"factory": env_spec, "max_turns": 0})
-    with pytest.raises(ConfigError, match="grpo.environment: multi-turn episodes run on the hf sampler"):
-        _train("grpo", ending_model_dir, prompts, tmp_path / "c", env_spec, generation={"sampler": "vllm"})
+    with pytest.raises(ConfigError, match="grpo.environment: multi-turn episodes run on the hf and vllm samplers, not "
+                                          "grpo.generation.sampler=vllm_server"):
+        _train("grpo", ending_model_dir, prompts, tmp_path / "c", env_spec, generation={"sampler": "vllm_server"})
     with pytest.raises(ConfigError, match="grpo.reward: no reward source"):
         _train("grpo", ending_model_dir, prompts, tmp_path / "b", env_spec, environment={"factory": None})
 

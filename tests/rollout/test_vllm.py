@@ -192,6 +192,99 @@ class TestTinyModel:
 
 
 # --------------------------------------------------------------------------------------------------
+# Multi-turn episodes on the colocated engine (its own engine: the class above closed its own)
+# --------------------------------------------------------------------------------------------------
+
+
+def ending_policy(tiny_dir, tok):
+    """The head-size-32 tiny Llama with its eos row along the mean final hidden state: turns end after a few
+    tokens (a random model almost never samples eos). vLLM gets it through the weight sync."""
+    model = tiny_policy(tiny_dir)
+    ids = tok("<|im_start|>user\nthe cat sat on the mat<|im_end|>\n<|im_start|>assistant\nhello world the dog",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        mean = model.model(ids).last_hidden_state[0].mean(0)
+        model.lm_head.weight[tok.eos_token_id] = 0.9 * mean / mean.norm()
+    return model
+
+
+class TestMultiTurn:
+    @pytest.fixture(scope="class")
+    def sampler(self, tiny_dir, tok):
+        from alignkit.rollout.multiturn import EnvironmentConfig, MultiTurnSampler
+        from rollout.test_multiturn import Echo
+
+        config = SamplingConfig(sampler="vllm", max_new_tokens=24, num_samples=2, temperature=0.9)
+        sampler = MultiTurnSampler(tok, config, EnvironmentConfig(max_turns=3), factory=lambda row: Echo(3),
+                                   model_name_or_path=str(tiny_dir), dtype="float32")
+        yield sampler
+        sampler.close()
+
+    @pytest.fixture(scope="class")
+    def rows(self):
+        return [{"prompt": "the cat sat on the mat"}, {"prompt": "what is the capital of france"},
+                {"prompt": "hello world"}]
+
+    def test_trainer_logps_equal_vllm_logps_on_every_assistant_token_of_3_turn_episodes(self, sampler, tiny_dir,
+                                                                                         tok, rows, monkeypatch):
+        from alignkit.forward import response_forward
+        from alignkit.rollout import RolloutBatch
+
+        policy = ending_policy(tiny_dir, tok)
+        syncs = []
+        real_sync = sampler.engine.sync_weights
+        monkeypatch.setattr(sampler.engine, "sync_weights", lambda model: syncs.append(1) or real_sync(model))
+        rollout = sampler.generate_episodes(policy, rows, seed=3, logps=True)
+        assert len(syncs) == 1  # the weights go in once per rollout, not once per turn
+        ep = rollout.episodes
+        three = [i for i, s in enumerate(ep.stop) if s == "done" and int(ep.turns[i]) == 3]
+        assert len(three) >= 2, f"too few 3-turn episodes: {ep.stop} {ep.turns.tolist()}"
+        with torch.no_grad():
+            trainer = response_forward(policy, RolloutBatch.from_rollout(rollout), 0.9).logps
+        action = rollout.action_mask.bool()
+        env = rollout.response_mask.bool() & ~action
+        worst = 0.0
+        for i in three:  # every assistant token of the 3 turns; the environment's tokens in between
+            assert int(action[i].sum()) >= 3 and int(env[i].sum()) > 0
+            worst = max(worst, float((trainer[i] - rollout.sampler_logps[i])[action[i]].abs().max()))
+        print(f"multi-turn max |vLLM - trainer| fp32 log-prob over {int(action[three].sum())} assistant tokens: "
+              f"{worst:.2e}")
+        assert worst < TOL  # the single-turn tolerance: vLLM's CPU kernels against the training forward's
+        assert float(rollout.sampler_logps[env].abs().sum()) == 0
+        assert float(ep.rewards[three[0]]) == pytest.approx(1.5)  # 0.25 + 0.25 + 1
+        # token in, token out: each environment block is the template's text after the sampled end of turn,
+        # tokenized once; the sampled turn before it ends with the eos token vLLM drew
+        i = three[0]
+        tokens = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
+        kinds = rollout.action_mask[i][rollout.response_mask[i].bool()].tolist()
+        start = kinds.index(0)
+        end = start + kinds[start:].index(1)
+        assert tokens[start:end] == words(tok, "\n<|im_start|>tool\nresult 1 for the cat<|im_end|>\n"
+                                               "<|im_start|>assistant\n")
+        assert tokens[start - 1] == tok.eos_token_id
+
+    def test_seeded_episodes_repeat_and_the_limits_stop_them(self, sampler, tiny_dir, tok, rows):
+        from alignkit.rollout.multiturn import EnvironmentConfig
+
+        policy = ending_policy(tiny_dir, tok)
+        state = torch.get_rng_state()
+        a = sampler.generate_episodes(policy, rows, seed=5)
+        b = sampler.generate_episodes(policy, rows, seed=5)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(a.response_ids, b.response_ids) and a.episodes.stop == b.episodes.stop
+        limits = sampler.config
+        try:
+            sampler.config = EnvironmentConfig(max_turns=2)
+            capped = sampler.generate_episodes(policy, rows, seed=5)
+            assert "max_turns" in capped.episodes.stop and int(capped.episodes.turns.max()) == 2
+            sampler.config = EnvironmentConfig(max_turns=8, max_episode_tokens=20)
+            small = sampler.generate_episodes(policy, rows, seed=5)
+            assert "token_budget" in small.episodes.stop and int(small.response_mask.sum(1).max()) <= 20
+        finally:
+            sampler.config = limits
+
+
+# --------------------------------------------------------------------------------------------------
 # Start-up errors: one line, what to do (no engine is open here)
 # --------------------------------------------------------------------------------------------------
 
@@ -313,3 +406,38 @@ def test_grpo_with_vllm_rollouts_raises_the_reward_like_hf(tiny_dir, tmp_path):
     for sampler, curve in rewards.items():
         assert len(curve) == 16
         assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.15, (sampler, curve)
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO on multi-turn episodes sampled by the colocated engine
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grpo_learns_a_two_turn_environment_with_vllm_episodes(tiny_dir, tok, tmp_path):
+    """online_rl builds the engine from the policy's checkpoint; tis_cap makes the trainer log its fp32 log-probs
+    against vLLM's on every assistant token (sampler_logp_diff, the mean |difference|) at every step."""
+    from methods.test_online_rl_agents import ENV, _metrics, _train
+
+    from alignkit.testing import _WORDS
+
+    model_dir = tmp_path / "ending"
+    ending_policy(tiny_dir, tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    (tmp_path / "two_turns.py").write_text(ENV)
+    rng = random.Random(0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": " ".join(
+        rng.choice(_WORDS) for _ in range(5))}]}) + "\n" for _ in range(64)))
+    out = tmp_path / "grpo"
+    _train("grpo", model_dir, prompts, out, f"{tmp_path / 'two_turns.py'}:make_env", log_samples=2, tis_cap=2.0,
+           generation={"max_new_tokens": 8, "num_samples": 4, "sampler": "vllm"})
+    rows = _metrics(out)
+    rewards = [r["reward"] for r in rows]
+    print("GRPO multi-turn (vllm) reward per step:", rewards, "env/turns:", [r["env/turns"] for r in rows],
+          "max sampler_logp_diff:", max(r["sampler_logp_diff"] for r in rows))
+    assert len(rewards) == 16 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    assert rows[0]["env/turns"] > 1.1  # episodes take several turns (1.25 measured)
+    assert all(r["sampler_logp_diff"] < TOL for r in rows)  # the weights are synced before every rollout
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["stop"] in ("done", "no_eos", "max_turns") and sample["turns"] >= 1
