@@ -694,6 +694,8 @@ def run(cfg: RunConfig) -> dict:
         elif ahead is None:
             rollout = sampler.generate(sample_from, [r["prompt_ids"] for r in rows],
                                        seed=derived_seed(t.seed, state.step, rank), logps=want_logps)
+            if getattr(sampler, "last_sync_seconds", None) is not None:  # vllm_server: the weights sent before it
+                metrics.add("weight_sync", sampler.last_sync_seconds)
         sampler.sleep()  # vLLM on a GPU frees its memory for the update; the next generate wakes and re-syncs it
         generation_time = time.perf_counter() - step_start
 
@@ -802,7 +804,7 @@ def run(cfg: RunConfig) -> dict:
         if ahead is not None:  # the new weights to the sampler (after the rollouts in flight), the next rollout starts
             waited, synced = ahead.push(sample_from, state.step + 1)
             metrics.add("async/gen_wait", took + waited)  # the trainer's waits for rollouts in this step
-            metrics.add("async/weight_sync", synced)
+            metrics.add("weight_sync", synced)
 
         # 6. KL controller, metrics, samples, checkpoints
         state.step += 1

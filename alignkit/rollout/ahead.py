@@ -94,6 +94,8 @@ class RolloutsAhead:
         for ahead in self.pending:
             ahead.future.result()  # (an error in the background is raised here)
         synced = time.perf_counter()
+        if self.next_step is not None and self.next_step >= self.end:
+            return synced - start, 0.0  # every rollout is sampled: no weights to send
         self.sampler.sync_weights(model)
         done = time.perf_counter()
         self.version = version

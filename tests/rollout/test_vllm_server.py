@@ -209,3 +209,49 @@ def test_the_nccl_path_hands_vllm_the_policy_weights(tied_dir, monkeypatch):
     assert [(m.name, m.shape) for m in seen["source"].metadata()] == expected
     sender.send(policy)
     assert [(n, tuple(s)) for n, s in seen["sent"]] == expected
+
+
+def test_submit_answers_with_the_last_synced_weights_while_the_policy_moves_on(sampler, tied_dir, prompts):
+    """async_steps' half of the sampler: the requests run in the background with the weights of the last
+    sync, whatever the trainer does to its policy meanwhile."""
+    sampler.config = SamplingConfig(sampler="vllm_server", max_new_tokens=12, num_samples=2, temperature=0.9)
+    policy = policy_of(tied_dir)
+    adam_step(policy, lr=1e-2, seed=3)
+    sampler.sync_weights(policy)
+    synced = policy_of(tied_dir)
+    synced.load_state_dict(policy.state_dict())
+    future = sampler.submit(prompts, seed=4, logps=True)
+    adam_step(policy, lr=1e-2, seed=4)  # the update while the requests are in flight
+    rollout = future.result()
+    assert max_diff(rollout, teacher_logps(synced, rollout, 0.9)) < TOL
+    assert max_diff(rollout, teacher_logps(policy, rollout, 0.9)) > 1e-2
+
+
+def test_grpo_one_step_ahead_through_the_server(sampler, tied_dir, tmp_path):
+    """async_steps 1 with a real server: the first rollout comes from the current weights (the sampler's
+    log-probs are the trainer's), every later one from the policy one update behind (staleness 1, the
+    trainer's recomputed log-probs differ from the server's); every prompt batch trained once."""
+    from alignkit.testing import _WORDS
+
+    (tmp_path / "toy_reward.py").write_text(WORD_SHARE_REWARD)
+    rng = random.Random(0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(_WORDS) for _ in range(5))}) + "\n"
+                               for _ in range(24)))
+    out = tmp_path / "grpo"
+    alignkit.train("grpo", model={"name_or_path": str(tied_dir), "dtype": "float32"},
+                   data={"train": [str(prompts)], "max_length": 64},
+                   training={"output_dir": str(out), "max_steps": 6, "learning_rate": 1e-2,
+                             "per_device_batch_size": 4, "lr_scheduler": "constant", "report_to": ["jsonl"],
+                             "seed": 0, "mixed_precision": "no"},
+                   grpo={"generation": {"max_new_tokens": 8, "num_samples": 4, "sampler": "vllm_server",
+                                        "vllm_server_urls": [s.url for s in sampler.servers]},
+                         "reward": {"functions": [f"{tmp_path / 'toy_reward.py'}:word_share"]},
+                         "rollout_batch_size": 4, "kl_coef": 0.01, "tis_cap": 2.0, "async_steps": 1})
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    print("async/staleness", [r["async/staleness"] for r in rows], "sampler_logp_diff",
+          [round(r["sampler_logp_diff"], 5) for r in rows], "gen_wait", [round(r["async/gen_wait"], 3) for r in rows])
+    assert [r["async/staleness"] for r in rows] == [0.0] + [1.0] * 5
+    assert rows[0]["sampler_logp_diff"] < 1e-4
+    assert min(r["sampler_logp_diff"] for r in rows[1:]) > 1e-3
+    assert rows[-1]["epoch"] == 1.0  # 6 of the 6 prompt batches: none skipped by the rollout sampled ahead

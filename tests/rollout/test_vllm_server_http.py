@@ -350,3 +350,60 @@ def test_two_training_processes_share_the_servers_and_process_0_alone_sends_the_
     finally:
         for f in fakes:
             f.close()
+
+
+def test_async_steps_send_the_next_rollout_before_the_update_and_never_reload_under_a_request(tmp_path, tiny_dir):
+    """GRPO with async_steps 1 against a fake server: the first weights answer the rollouts of steps 1 and 2,
+    each later weight sync the one of the step after next (sent before that step's update), the last syncs are
+    skipped (nothing left to sample), and no reload ever starts while a rollout request is being answered."""
+    import random
+
+    import alignkit
+    from alignkit.testing import _WORDS
+
+    rng = random.Random(0)
+    events, in_flight, lock = [], [0], threading.Lock()
+
+    def completion(body):  # slow enough to still be in flight if a reload did not wait for it
+        with lock:
+            in_flight[0] += 1
+        time.sleep(0.05)
+        tokens = [rng.randrange(10, 500) for _ in range(3)] + [2]
+        with lock:
+            in_flight[0] -= 1
+            events.append("rollout")
+        return {"choices": [{"index": j, "token_ids": tokens, "logprobs": {"token_logprobs": [-1.0] * 4}}
+                            for j in range(body["n"])]}
+
+    loaded = []
+    routes = healthy_routes(tiny_dir, loaded=loaded)
+    rpc = routes["/collective_rpc"]
+
+    def reload(body):
+        if body["method"] == "alignkit_reload_weights":
+            with lock:
+                events.append("reload" if in_flight[0] == 0 else "reload under a request")
+        return rpc(body)
+
+    fake = FakeVLLM({**routes, "/collective_rpc": reload, "/v1/completions": completion})
+    try:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(_WORDS) for _ in range(4))}) + "\n"
+                                   for _ in range(16)))
+        reward = tmp_path / "length.py"
+        reward.write_text("def length(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
+        alignkit.train("grpo", model={"name_or_path": str(tiny_dir), "dtype": "float32"},
+                       data={"train": [str(prompts)], "max_length": 32},
+                       training={"output_dir": str(tmp_path / "grpo"), "max_steps": 4, "learning_rate": 1e-3,
+                                 "per_device_batch_size": 4, "report_to": ["jsonl"], "mixed_precision": "no"},
+                       grpo={"generation": {"num_samples": 2, "max_new_tokens": 6, "sampler": "vllm_server",
+                                            "vllm_server_urls": [fake.url], "vllm_server_weight_sync": "files"},
+                             "reward": {"functions": [f"{reward}:length"]}, "rollout_batch_size": 2,
+                             "async_steps": 1, "tis_cap": 2.0})
+        rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+        # 2 prompts a step: steps 1-2 after the first sync, step 3 after step 1's update, step 4 after step 2's
+        assert events == ["reload"] + ["rollout"] * 4 + ["reload"] + ["rollout"] * 2 + ["reload"] + ["rollout"] * 2
+        assert len(loaded) == 3
+    finally:
+        fake.close()
