@@ -69,6 +69,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 test-vllm: $(VLLM_STAMP)
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 \
 	    $(VLLM_VENV)/bin/python -m pytest -q -p no:xdist -m vllm tests/rollout/test_vllm.py tests/rollout/test_vllm_server.py \
+	    tests/rollout/test_multinode.py \
 	    $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -10,6 +10,7 @@
     alignkit generate MODEL --prompts FILE --out FILE.jsonl  sample (and score) responses, resumable
     alignkit pipeline FILE.yaml [--dry-run] [--from STAGE]  named stages (SFT -> RM -> PPO ...) in one file
     alignkit estimate METHOD [CONFIG.yaml] --gpus N --gpu-memory 40GB  will the run fit, and what would
+    alignkit serve MODEL [--host 0.0.0.0 --port 8000]  a vLLM server for generation.sampler: vllm_server
 
 Every expected error (:class:`alignkit.errors.AlignkitError`) is one line on stderr, printed once (rank 0,
 or the launcher for the processes it started), and the exit code is 2; ``--debug`` (or
@@ -37,6 +38,8 @@ OWN_PARSERS = {
     "estimate": ("alignkit.estimate", "estimate_main",
                  "per-GPU memory of a run by phase: will it fit, and what would make it"),
     "plot": ("alignkit.training.plots", "plot_main", "PNG plots of the training curves of one or more runs, overlaid"),
+    "serve": ("alignkit.serve", "serve_main",
+              "start a vLLM server for generation.sampler: vllm_server (multi-node: docs/distributed.md)"),
 }
 
 

@@ -18,7 +18,7 @@ LAYERS = {
     "training": 1, "forward": 1, "reference": 1, "rollout": 1, "rewards": 1, "critic": 1, "launch": 1,
     "convert": 1,
     "methods": 2,
-    "pipeline": 3, "chat": 3, "generate": 3, "estimate": 3,
+    "pipeline": 3, "chat": 3, "generate": 3, "estimate": 3, "serve": 3,
     "api": 3, "cli": 3, "__init__": 3, "__main__": 3,
 }
 LAYER_NAMES = ["bottom (config, data, models, losses)", "middle (training loop, samplers, rewards, reference)",
