@@ -129,6 +129,51 @@ def test_environment_timeout_stops_the_episode(tok):
     assert out.episodes.stop == ["timeout"] and int(out.episodes.turns[0]) == 1
 
 
+STUCK = """
+import threading, time
+from alignkit.rollout import SamplingConfig
+from alignkit.rollout.multiturn import EnvironmentConfig, MultiTurnSampler
+from alignkit.testing import tiny_llama, tiny_tokenizer
+
+
+class Stuck:
+    tools = None
+
+    def __init__(self, where):
+        self.where = where
+
+    def reset(self, row):
+        if self.where == "reset":
+            threading.Event().wait()  # never returns (a dead connection, a deadlock)
+
+    def step(self, message):
+        threading.Event().wait()
+
+
+tok = tiny_tokenizer()
+sampler = MultiTurnSampler(tok, SamplingConfig(max_new_tokens=4), EnvironmentConfig(timeout_s=0.5),
+                           factory=lambda row: Stuck(row["stuck"]))
+start = time.perf_counter()
+out = sampler.generate_episodes(tiny_llama(tok).eval(), [{"prompt": "the cat", "stuck": "reset"},
+                                                         {"prompt": "the dog", "stuck": "step"}], seed=0)
+print(out.episodes.stop, out.episodes.turns.tolist(), out.response_lengths.tolist()[0],
+      out.episodes.metrics()["env/stop_timeout"], time.perf_counter() - start < 30, flush=True)
+"""
+
+
+def test_environment_calls_that_never_return_time_out_and_the_process_still_exits(tmp_path):
+    """A stuck reset or step ends its episode at timeout_s (stop=timeout, counted); the thread left waiting
+    does not keep the process from exiting (a thread pool's workers are joined at exit: it hung there)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STUCK], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['timeout', 'timeout'] [0, 1] 0 (2.0, 2.0) True"
+
+
 def add(a: int, b: int) -> int:
     """Add two integers.
 
