@@ -1,5 +1,5 @@
 """Online RL with multi-turn environments (alignkit.rollout.multiturn): GRPO learns a 2-turn toy task, the loss
-only sees sampled tokens, and a multi-turn run resumes exactly."""
+only sees sampled tokens, and a multi-turn run killed with SIGKILL resumes exactly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import crash_after_checkpoint
 
 import alignkit
 from alignkit.config import ConfigError
@@ -149,22 +148,95 @@ def test_environment_tokens_get_no_gradient(tmp_path, ending_model_dir, prompts,
     assert holes > 0  # some environment tokens were in the batches, and masked
 
 
-def test_multi_turn_run_resumes_exactly(tmp_path, ending_model_dir, prompts, env_spec, monkeypatch):
-    kwargs = dict(training={"max_steps": 4, "save_steps": 2, "per_device_batch_size": 2,
-                            "gradient_accumulation_steps": 2, "learning_rate": 3e-3}, ppo_epochs=2)
-    res_a = _train("grpo", ending_model_dir, prompts, tmp_path / "straight", env_spec, **kwargs)
+HELD_ENV = ENV + '''
 
-    with crash_after_checkpoint(monkeypatch, 2):
-        _train("grpo", ending_model_dir, prompts, tmp_path / "resumed", env_spec, **kwargs)
-    torch.manual_seed(1234)  # resume must not depend on the global RNG
-    kwargs["training"]["resume"] = "latest"
-    res_b = _train("grpo", ending_model_dir, prompts, tmp_path / "resumed", env_spec, **kwargs)
-    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+import os
+import threading
+from pathlib import Path
+
+
+class Held(TwoTurns):
+    """With HOLD_RUN set: once checkpoint-2 and step 3's metrics are written, the next step() says so in a file
+    and never returns (the test kills the process with SIGKILL there, mid-episode in step 4)."""
+
+    def step(self, message):
+        out = Path(os.environ["HOLD_RUN"])
+        metrics = out / "metrics.jsonl"
+        if (out / "checkpoint-2").is_dir() and metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            (out.parent / "held").write_text("")
+            threading.Event().wait()
+        return super().step(message)
+
+
+def make_held_env(row):
+    return Held() if os.environ.get("HOLD_RUN") else TwoTurns()
+'''
+
+
+def test_multi_turn_run_killed_with_sigkill_resumes_exactly(tmp_path, ending_model_dir, prompts):
+    """A real training process is killed with SIGKILL in the middle of an episode of step 4 (after checkpoint 2 and
+    step 3's log lines); ``--resume`` replays steps 3 and 4 to the same metrics, samples and final weights as an
+    uninterrupted run (ppo_epochs 2, gradient accumulation: the optimizer and data order resume too)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    env_file = tmp_path / "held.py"
+    env_file.write_text(HELD_ENV)
+    spec = f"{env_file}:make_held_env"
+    training = {"max_steps": 4, "save_steps": 2, "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
+                "learning_rate": 3e-3}
+    _train("grpo", ending_model_dir, prompts, tmp_path / "straight", spec, training=training, ppo_epochs=2,
+           log_samples=2)
+
+    out = tmp_path / "killed"
+    cfg = {"model": {"name_or_path": str(ending_model_dir), "dtype": "float32"},
+           "data": {"train": [str(prompts)], "max_length": 64},
+           "training": {"output_dir": str(out), "lr_scheduler": "constant",
+                        "report_to": ["jsonl"], "seed": 0, "mixed_precision": "no", **training},
+           "grpo": {"generation": {"max_new_tokens": 8, "num_samples": 4}, "rollout_batch_size": 4, "kl_coef": 0.01,
+                    "ppo_epochs": 2, "log_samples": 2,
+                    "environment": {"factory": spec, "max_turns": 3, "max_episode_tokens": 64}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    command = [sys.executable, "-m", "alignkit.cli", "train", "grpo", str(tmp_path / "run.yaml")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=dict(env, HOLD_RUN=str(out)), stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 300
+            while not (tmp_path / "held").exists():
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the run never reached step 4"
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not (out / "checkpoint-4").exists()
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _metrics(tmp_path / "straight"), _metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
-        for key in ("reward", "loss/policy", "kl", "env/turns", "response_length"):
+        for key in ("reward", "loss/policy", "kl", "env/turns", "response_length", "env/stop_done",
+                    "env/stop_no_eos"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
-    sa, sb = res_a["model"].state_dict(), res_b["model"].state_dict()
+    samples = [[json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+               for run in (tmp_path / "straight", out)]
+    assert [(s["step"], s["episode"], s["stop"], s["turns"]) for s in samples[0]] == \
+        [(s["step"], s["episode"], s["stop"], s["turns"]) for s in samples[1]]  # the same episodes, each once
+    sa, sb = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
 
