@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	# deepspeed ships as an sdist that must build against the torch above.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.17"
-	$(BIN)/pip install -q -e ".[dev,qlora]"
+	$(BIN)/pip install -q -e ".[dev,qlora,verifiers,openenv]"
 	touch $(STAMP)
 
 setup: $(STAMP)

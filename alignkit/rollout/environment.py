@@ -24,35 +24,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from alignkit.errors import AlignkitError
+from alignkit.rollout.env_contract import AgentEnvironmentError, Environment, StepResult
+from alignkit.rollout.env_openenv import load_openenv
+from alignkit.rollout.env_verifiers import load_verifiers
 
-
-class AgentEnvironmentError(AlignkitError):
-    """An environment (or its factory) broke the contract; the message names it and the fix."""
-
-
-@dataclass
-class StepResult:
-    """What an environment answers to one assistant turn."""
-
-    messages: list[dict] = field(default_factory=list)  # tool results / user replies, appended after the turn
-    reward: float = 0.0  # this turn's reward; the episode's reward is the sum over its turns
-    done: bool = False  # the episode is over (no further assistant turn)
-    info: dict = field(default_factory=dict)  # counters for the metrics, e.g. {"tool_errors": 1}
-
-
-@runtime_checkable
-class Environment(Protocol):
-    """One episode's environment (module docstring)."""
-
-    tools: list[dict] | None
-
-    def reset(self, row: Mapping[str, Any]) -> list[dict] | None: ...
-
-    def step(self, message: dict) -> StepResult: ...
+__all__ = ["AgentEnvironmentError", "Environment", "StepResult", "ToolEnvironment", "load_environment",
+           "make_episode_env", "parse_assistant_turn", "tool_schema"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,10 +169,28 @@ class ToolEnvironment:
 # --------------------------------------------------------------------------------------------------
 
 
+# ``<library>:<target>`` specs: environments of other libraries through an adapter (docs/agents.md)
+LIBRARIES = {"verifiers": load_verifiers, "openenv": load_openenv}
+
+
 def load_environment(spec: str) -> Callable[[Mapping[str, Any]], Environment]:
-    """The environment factory named by ``"file.py:make_env"`` or ``"package.module:make_env"``: a callable
-    ``make_env(row) -> Environment`` (a fresh object per episode; the row is also given to ``reset``)."""
+    """The environment factory named by ``spec``: a callable ``make_env(row) -> Environment`` (a fresh object per
+    episode; the row is also given to ``reset``).
+
+    - ``"file.py:make_env"`` or ``"package.module:make_env"``: a factory of alignkit environments;
+    - ``"verifiers:<env id>"`` or ``"verifiers:<file.py or module>:<function>"``: a verifiers environment
+      (:mod:`alignkit.rollout.env_verifiers`, extra ``alignkit[verifiers]``);
+    - ``"openenv:<file.py or module>:<Name>"`` or ``"openenv:<server url>"``: an OpenEnv environment
+      (:mod:`alignkit.rollout.env_openenv`, extra ``alignkit[openenv]``).
+    """
     from alignkit.rewards.functions import load_function
+
+    library, sep, target = spec.partition(":")
+    if sep and library in LIBRARIES:
+        if not target:
+            raise AgentEnvironmentError(f"environment {spec!r}: name the {library} environment after '{library}:' "
+                                        "(docs/agents.md, Environment libraries).")
+        return LIBRARIES[library](target)
 
     try:
         factory = load_function(spec)
