@@ -4,6 +4,8 @@ held-out split, scored by the task's own verifier, and the GRPO run's reward cur
 - :func:`held_out_accuracy`: greedy answers to the held-out prompts (the same every run), the share the
   task's verifier scores correct, how many answers it found at all, the answers' distinct-2 (does the text stay
   varied, or collapse into one template?) and a few samples to read.
+- :func:`paired_counts`: how many held-out prompts training fixed and how many it broke (is a gain more
+  than prompts swinging both ways?).
 - :func:`reward_curve`: the mean reward of each GRPO step from the run's ``metrics.jsonl``, smoothed, and a
   PNG plot of it when matplotlib is installed.
 
@@ -68,6 +70,19 @@ def held_out_accuracy(model_dir: str | Path, data_path: str, *, limit: int = 64,
             "distinct_2": distinct_n([r["completion"] for r in records])["corpus"],
             "prompts": n,
             "samples": [{k: r[k] for k in ("question", "reference", "completion", "score")} for r in records[:samples]]}
+
+
+def paired_counts(before: str | Path, after: str | Path) -> tuple[int, int]:
+    """(fixed, broken) between two ``answers.jsonl`` files of the same held-out prompts: the prompts answered
+    wrong before and right after, and the reverse. A gain is real when fixed clearly outnumbers broken, not
+    when a few prompts swing both ways."""
+    def scores(path):
+        return {r["question"]: r["score"] >= 1.0 for r in map(json.loads, Path(path).read_text().splitlines())}
+
+    b, a = scores(before), scores(after)
+    if b.keys() != a.keys():
+        raise ValueError(f"{before} and {after} hold different held-out prompts; evaluate both on the same ones")
+    return sum(a[q] and not b[q] for q in b), sum(b[q] and not a[q] for q in b)
 
 
 def reward_curve(run_dir: str | Path, *, key: str = "reward", window: int = 5,

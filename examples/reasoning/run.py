@@ -10,6 +10,7 @@ step. Finished stages are skipped when you run it again, so the numbers print at
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 PIPELINE = Path(__file__).with_name("pipeline.yaml")
@@ -25,7 +26,7 @@ def run(output_dir: str | Path = "outputs/reasoning", steps: int | None = None,
         start_from: str | None = None, overrides: list[str] | None = None) -> dict:
     """Run the pipeline and print its numbers; returns the pipeline's summary."""
     from alignkit.pipeline import run_pipeline
-    from examples.reasoning.evaluate import sparkline
+    from examples.reasoning.evaluate import paired_counts, sparkline
 
     print("== alignkit reasoning example: GRPO on reasoning-gym chain_sum, SmolLM2-135M-Instruct (CPU-sized) ==")
     print(f"pipeline file: {PIPELINE}", flush=True)
@@ -34,10 +35,14 @@ def run(output_dir: str | Path = "outputs/reasoning", steps: int | None = None,
     stage = {e["stage"]: e for e in summary["stages"]}
     before, after = stage["accuracy_before"]["outputs"], stage["accuracy_after"]["outputs"]
     curve = stage["reward_curve"]["outputs"]
-    answers = Path(stage["accuracy_before"]["output_dir"]) / "answers.jsonl"
-    n = len(answers.read_text().splitlines()) if answers.is_file() else "the"
-    print(f"\nheld-out accuracy (greedy, {n} held-out prompts): {before['accuracy']:.1%} (base model) -> "
-          f"{after['accuracy']:.1%} (after {len(curve['steps'])} GRPO steps)")
+    answers = [Path(stage[s]["output_dir"]) / "answers.jsonl" for s in ("accuracy_before", "accuracy_after")]
+    n = len(answers[0].read_text().splitlines())
+    se = [math.sqrt(a * (1 - a) / n) for a in (before["accuracy"], after["accuracy"])]
+    print(f"\nheld-out accuracy (greedy, {n} held-out prompts): {before['accuracy']:.1%} ± {se[0]:.1%} (base model) -> "
+          f"{after['accuracy']:.1%} ± {se[1]:.1%} (after {len(curve['steps'])} GRPO steps; ± = binomial standard error)")
+    fixed, broken = paired_counts(*answers)
+    print(f"the same {n} prompts: {fixed} answered wrong before and right after, {broken} right before and wrong "
+          f"after (net {fixed - broken:+d})")
     print(f"held-out answers with a number: {before['answered']:.0%} -> {after['answered']:.0%}; "
           f"distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f} (low = answers collapse into one text)")
     print(f"training reward (mean per step, 1 = correct): {curve['first']:.3f} (first 5 steps) -> "
