@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from alignkit.errors import AlignkitError
@@ -77,6 +78,24 @@ def run_coroutine(coro) -> Any:
 
 def load_verifiers(target: str) -> Callable[[Mapping[str, Any]], VerifiersEpisode]:
     """The alignkit factory for ``"verifiers:<target>"`` (module docstring)."""
+    env, client, where = _load_env(target), _policy_client(), f"environment 'verifiers:{target}'"
+    return lambda row: VerifiersEpisode(env, client, where)
+
+
+def write_dataset(target: str, path: str | Path, split: str = "train", n: int = -1) -> int:
+    """Write the verifiers environment's own dataset (``split``: "train" or "eval"; ``n`` rows, -1 = all) as the
+    JSONL prompt file the online methods read (``data.train``): one row per example with verifiers' formatted
+    ``prompt`` (system prompt included), ``answer``, ``info`` and ``example_id``. Returns the number of rows."""
+    env = _load_env(target.removeprefix("verifiers:"))
+    dataset = env.get_dataset(n) if split == "train" else env.get_eval_dataset(n)
+    keep = [c for c in ("prompt", "answer", "info", "task", "example_id") if c in dataset.column_names]
+    with open(path, "w") as f:
+        for row in dataset.select_columns(keep):
+            f.write(json.dumps(row, default=str) + "\n")
+    return len(dataset)
+
+
+def _load_env(target: str):
     vf, _ = _import_verifiers()
     where = f"environment 'verifiers:{target}'"
     # verifiers installs SIGINT/SIGTERM handlers when an environment is built; keep the run's own
@@ -109,8 +128,7 @@ def load_verifiers(target: str) -> Callable[[Mapping[str, Any]], VerifiersEpisod
         raise AgentEnvironmentError(f"{where}: its rubric has group reward functions, which score a group of rollouts "
                                     "together; alignkit scores each episode on its own: use a rubric of per-rollout "
                                     "reward functions.")
-    client = _policy_client()
-    return lambda row: VerifiersEpisode(env, client, where)
+    return env
 
 
 def _policy_client():

@@ -143,6 +143,19 @@ def test_verifiers_tool_env_episodes_scored_by_its_rubric(tok, vf_file, monkeypa
     assert episode.tools[0]["function"]["parameters"]["required"] == ["a", "b"]
 
 
+def test_verifiers_dataset_written_as_prompt_rows_starts_the_same_episode(tmp_path, vf_file):
+    from alignkit.rollout.env_verifiers import write_dataset
+
+    path = tmp_path / "rows.jsonl"
+    assert write_dataset(f"verifiers:{vf_file}:tool_env", path) == 1
+    row = json.loads(path.read_text())
+    assert row["prompt"] == [{"role": "system", "content": "Use the tools."},
+                             {"role": "user", "content": "What is 2 + 3?"}]
+    assert row["answer"] == "5" and row["example_id"] == 0
+    episode = load_environment(f"verifiers:{vf_file}:tool_env")(row)
+    assert episode.reset(row) == row["prompt"]  # the system prompt is not added twice
+
+
 def test_verifiers_multiturn_env_response_and_stop_conditions_with_real_sampling(tok, vf_file):
     """A verifiers MultiTurnEnv sampled for real: env_response's messages are appended (masked), verifiers' own
     max_turns ends every episode, and each reward is the rubric's score of that episode's conversation."""
