@@ -102,6 +102,15 @@ class Nudge(vf.MultiTurnEnv):
 
 def nudge_env():
     return Nudge(dataset=DATA, rubric=vf.Rubric(funcs=[the_share]), max_turns=2)
+
+
+def words_said(completion) -> float:
+    """How much the assistant said, up to 12 words: a reward every episode earns some of."""
+    return min(1.0, sum(len((m.content or "").split()) for m in completion if m.role == "assistant") / 12)
+
+
+def talk_env():
+    return Nudge(dataset=DATA, rubric=vf.Rubric(funcs=[words_said]), max_turns=2)
 '''
 
 
@@ -178,15 +187,20 @@ def test_verifiers_multiturn_env_response_and_stop_conditions_with_real_sampling
 
 
 def test_grpo_trains_through_the_verifiers_adapter(tmp_path, vf_file, ending_model_dir, prompts):  # noqa: F811
-    out = tmp_path / "grpo"
-    _train("grpo", ending_model_dir, prompts, out, f"verifiers:{vf_file}:nudge_env", training={"max_steps": 3},
-           environment={"factory": f"verifiers:{vf_file}:nudge_env", "max_turns": 3, "max_episode_tokens": 64})
+    """Three GRPO steps on a verifiers MultiTurnEnv: the run completes, its metrics carry verifiers' rewards (the
+    rubric's words_said, on the episodes verifiers ended) and the policy was updated with them."""
+    out, spec = tmp_path / "grpo", f"verifiers:{vf_file}:talk_env"
+    result = _train("grpo", ending_model_dir, prompts, out, spec, training={"max_steps": 3},
+                    generation={"max_new_tokens": 16, "num_samples": 4},
+                    environment={"factory": spec, "max_turns": 3, "max_episode_tokens": 96})
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r["reward/environment"] == pytest.approx(r["reward"]) and 0.0 <= r["reward"] <= 1.0
         assert 1.0 <= r["env/turns"] <= 2.0 and r["env/stop_max_turns"] == 0.0  # verifiers ends them at 2 turns
-    assert max(r["env/turns"] for r in rows) > 1.0 and max(r["env/stop_done"] for r in rows) > 0
+    assert min(r["reward"] for r in rows) > 0 and max(r["env/stop_done"] for r in rows) > 0
+    assert any(abs(r["loss/policy"]) > 0 for r in rows) and rows[-1]["kl"] > 0  # the rewards moved the policy
+    assert result["model"] is not None
 
 
 # --------------------------------------------------------------------------------------------------
