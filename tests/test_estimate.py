@@ -35,6 +35,12 @@ def json_file(folder, values: dict) -> str:
     return str(path)
 
 
+def added(est, phase: str) -> dict[str, float]:
+    """The parts of one phase that not every phase holds."""
+    everywhere = set.intersection(*(set(parts) for parts in est.phases.values()))
+    return {k: v for k, v in est.phases[phase].items() if k not in everywhere}
+
+
 def part(est, phase: str, name: str) -> float:
     """Bytes of one part of one phase."""
     return est.phases[phase][name]
@@ -282,6 +288,40 @@ def test_vllm_share_and_sleep_mode(tiny_model_dir):
                      suggest=False)
     weights = 2 * arch_of(str(tiny_model_dir)).params
     assert sized.phases["rollout"]["vLLM (weights + KV cache)"] == weights + 2 * GIB
+
+
+def test_vllm_server_rollouts_hold_no_generation_memory_on_the_trainer(tiny_model_dir):
+    """generation.sampler: vllm_server generates in the servers, so the trainer holds no KV cache and no
+    generation workspace (the estimate counted them as for the HF sampler). Servers at URLs run elsewhere;
+    servers started here (no URLs) stay on this machine's first GPU for the whole run."""
+    base = ["grpo.reward.functions=[m:f]", "grpo.rollout_batch_size=64", "grpo.generation.max_new_tokens=512"]
+    remote = [*base, "grpo.generation.sampler=vllm_server", "grpo.generation.vllm_server_urls=[http://gpu1:8000]"]
+    hf = estimate(cfg_of("grpo", tiny_model_dir, *base), 1, 40, suggest=False)
+    served = estimate(cfg_of("grpo", tiny_model_dir, *remote), 1, 40, suggest=False)
+    assert hf.phases["rollout"]["generation KV cache"] > 0
+    assert added(served, "rollout") == {}  # full fine-tuning, no sharding: each tensor goes as it is
+    assert served.per_gpu_peak_gb <= hf.per_gpu_peak_gb
+    assert any("run elsewhere" in a for a in served.assumptions)
+    # ZeRO-3 gathers (and copies) one parameter at a time; a LoRA policy sent merged, one matrix at a time
+    zero3 = estimate(cfg_of("grpo", tiny_model_dir, *remote, "training.deepspeed=zero3"), 2, 40, suggest=False)
+    arch = arch_of(str(tiny_model_dir))
+    assert added(zero3, "rollout") == {"ZeRO-3 gathered policy": 2 * arch.largest * 2}
+    merged = estimate(cfg_of("grpo", tiny_model_dir, *remote, "model.finetune=lora", "grpo.generation.vllm_server_lora=false"),
+                      1, 40, suggest=False)
+    assert 0 < added(merged, "rollout")["vLLM weight sync (one merged LoRA matrix)"] <= arch.largest * 2
+    adapter = estimate(cfg_of("grpo", tiny_model_dir, *remote, "model.finetune=lora"), 1, 40, suggest=False)
+    assert added(adapter, "rollout") == {}  # only the adapter goes
+    # no URLs: the run starts vllm_server_count servers here, which never sleep
+    here = estimate(cfg_of("grpo", tiny_model_dir, *base, "grpo.generation.sampler=vllm_server",
+                           "grpo.generation.vllm_server_count=2", "grpo.generation.vllm_gpu_memory_utilization=0.25"),
+                    1, 40, suggest=False)
+    for phase in here.phases.values():
+        assert phase["vLLM servers started here (weights + KV cache)"] == 2 * 0.25 * 40 * GIB
+    # rejection sampling: the model stays loaded (its weights go to the servers), nothing generates here
+    rs = estimate(cfg_of("rejection_sampling", tiny_model_dir, "rejection_sampling.reward.functions=[m:f]",
+                         "rejection_sampling.generation.sampler=vllm_server",
+                         "rejection_sampling.generation.vllm_server_urls=[http://gpu1:8000]"), 1, 40, suggest=False)
+    assert set(rs.phases["sampling"]) == {"sampling model"}
 
 
 def test_distillation_and_sampling_methods_have_their_models(tiny_model_dir):

@@ -654,6 +654,9 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
     vllm_share = vllm_bytes(g, arch, s, plan.gpu_memory_gb) if vllm else 0.0
     if vllm and not vllm_sleeps(g, s):
         plan.keep(VLLM_PART, vllm_share)
+    servers = g.sampler == "vllm_server"
+    if servers:
+        _vllm_servers(plan, g, arch, s)
     # lengths and batches
     prompt = min(cfg.data.max_length, cfg.data.max_prompt_length or cfg.data.max_length)
     response = g.max_new_tokens
@@ -671,6 +674,8 @@ def _online(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[str, str | No
             rollout["vLLM weight sync (merged LoRA copies)"] = sum(i * o for _, i, o in policy.lora) * a
         if s.zero3:
             rollout["ZeRO-3 gathered policy"] = policy.full if m.finetune != "full" else arch.largest * a
+    elif servers:  # the servers generate; the trainer only sends them the weights
+        rollout.update(_server_sync_bytes(g, m.finetune, policy, arch, s))
     else:
         rollout["generation KV cache"] = kv_cache_bytes(arch, gen_batch, seq, a)
         if _sampler_logps(cfg, s):  # generate keeps each step's float32 [sequences, V] scores
@@ -748,6 +753,9 @@ def _sampling_then_sft(plan: _Plan, cfg: RunConfig, s: Setup, overrides: dict[st
     if g.sampler == "vllm":
         sampling = {VLLM_PART: vllm_bytes(g, sampler_arch, s, plan.gpu_memory_gb),
                     **{k: v for k, v in sampling.items() if k in ("reward model",)}}
+    elif g.sampler == "vllm_server":  # the model stays here (its weights go to the servers once), no generation
+        _vllm_servers(plan, g, sampler_arch, s)
+        sampling = {k: v for k, v in sampling.items() if k in ("sampling model", "reward model")}
     plan.phase("sampling", sampling, resident={})
     plan.assumptions.append(f"prompts of {prompt} tokens, {g.max_new_tokens} new tokens, {gen_batch} sequences "
                             "per generate call")
@@ -769,6 +777,40 @@ def vllm_bytes(g, arch: Arch, s: Setup, gpu_memory_gb: float) -> float:
     if g.vllm_kv_cache_gb:
         return arch.params * s.compute_bytes / g.vllm_tensor_parallel_size + g.vllm_kv_cache_gb * GIB
     return g.vllm_gpu_memory_utilization * gpu_memory_gb * GIB
+
+
+SERVERS_HERE = "vLLM servers started here (weights + KV cache)"
+CPU_SERVER_KV_CACHE_GB = 1.0  # vllm_server's KV cache for a server it starts on CPU without vllm_kv_cache_gb
+
+
+def _vllm_servers(plan: _Plan, g, arch: Arch, s: Setup) -> None:
+    """``generation.sampler: vllm_server``. Servers at ``vllm_server_urls`` run elsewhere: no memory here.
+    Without URLs the run starts ``vllm_server_count`` servers on this machine, which stay up for the whole
+    run (no sleep mode) on the first GPU (CPU: in memory)."""
+    if g.vllm_server_urls:
+        plan.assumptions.append(f"the {len(g.vllm_server_urls)} vLLM server(s) of generation.vllm_server_urls run "
+                                "elsewhere: their memory is not counted")
+        return
+    if s.device == "cpu" and not g.vllm_kv_cache_gb:
+        g = dataclasses.replace(g, vllm_kv_cache_gb=CPU_SERVER_KV_CACHE_GB)
+    plan.keep(SERVERS_HERE, g.vllm_server_count * vllm_bytes(g, arch, s, plan.gpu_memory_gb))
+    plan.assumptions.append(f"generation.vllm_server_count={g.vllm_server_count} vLLM server(s) started on this "
+                            "machine share the first GPU (counted on every GPU: it is the peak of GPU 0); give "
+                            "generation.vllm_server_urls to run them elsewhere")
+
+
+def _server_sync_bytes(g, finetune: str, policy: Trained, arch: Arch, s: Setup) -> dict[str, float]:
+    """What the trainer holds while it sends the policy to vLLM servers: the weights go one tensor at a time
+    (the files sync copies each to the CPU), so only the gathered or merged tensors count."""
+    out: dict[str, float] = {}
+    a = s.compute_bytes
+    if finetune != "full" and not g.vllm_server_lora:  # merged LoRA weights, one adapted matrix at a time
+        out["vLLM weight sync (one merged LoRA matrix)"] = max((i * o for _, i, o in policy.lora), default=0) * a
+    if s.zero3:  # one parameter gathered (and copied) at a time
+        out["ZeRO-3 gathered policy"] = 2 * arch.largest * a
+    elif s.fsdp:  # the sync reads the whole gathered module
+        out["FSDP2 gathered model"] = arch.params * a
+    return out
 
 
 def vllm_sleeps(g, s: Setup) -> bool:
