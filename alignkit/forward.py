@@ -9,7 +9,8 @@ need it, and the float32 ``[tokens, vocab]`` logits of long completions need not
   ``input_ids`` / ``attention_mask`` / ``labels`` batch.
 - :func:`target_logits`: full logits at target positions (distillation compares whole distributions).
 - :func:`response_forward` / :func:`score_rollout` (online methods): log-probs (and entropies, critic
-  values) of the response tokens of a :class:`~alignkit.rollout.RolloutBatch`.
+  values) of the response tokens of a :class:`~alignkit.rollout.RolloutBatch`, padded or packed without
+  padding (a :class:`BatchLayout`).
 - :func:`sequence_scores`: a sequence classifier's score at each sequence's last token (packed batches).
 - :func:`exact_layouts`: which batch layouts give this model's padded log-probs (a probe forward).
 
@@ -32,7 +33,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.data import IGNORE_INDEX
-from alignkit.data.tokenize import packed_sequences, packed_shape, padded_sequences, shared_prompt_pairs
+from alignkit.data.tokenize import (
+    _bins,
+    packed_sequences,
+    packed_shape,
+    padded_sequences,
+    shared_prompt_pairs,
+)
 from alignkit.losses.logprobs import default_chunk_rows, linear_logps, selective_log_softmax
 from alignkit.losses.rl import entropy_from_logits
 from alignkit.models import eval_mode, unwrap_model
@@ -308,7 +315,8 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 @dataclass
 class BatchLayout:
-    """How an offline method lays out a micro-batch; every layout gives the same log-probs and scores.
+    """How a method lays out a micro-batch; every layout gives the same log-probs and scores (the online
+    methods' rollouts: :func:`response_forward`).
 
     ``packed``: padding-free rows (:func:`~alignkit.data.tokenize.packed_sequences`); ``one_row``: all of a
     batch in one row (varlen attention kernels, whose cost does not grow with the row). Otherwise the attention
@@ -337,6 +345,11 @@ class BatchLayout:
             width = self._packed([len(s) for s in seqs])[0] if self.packed else None
             return packed_sequences(seqs, labels, pad_token_id, row_width=width, position_ids=position_ids)
         return padded_sequences(seqs, labels, pad_token_id)
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        """Which sequences (indices into ``lengths``) go to each packed row: the row width of
+        :meth:`sequences`, first-fit decreasing."""
+        return _bins(lengths, self._packed(lengths)[0])
 
     def pairs(self, triples: list[tuple[list[int], list[int], list[int]]], pad_token_id: int
               ) -> dict[str, torch.Tensor]:
@@ -515,7 +528,8 @@ class ResponseOutput:
 
 
 def response_forward(model, batch: RolloutBatch, temperature: float, *, entropy: bool = False,
-                     entropy_grad: bool = False, chunked: bool = True, **model_kwargs: Any) -> ResponseOutput:
+                     entropy_grad: bool = False, chunked: bool = True, layout: BatchLayout | None = None,
+                     **model_kwargs: Any) -> ResponseOutput:
     """Log-probs (and optionally entropies / values) of the response tokens of ``batch``.
 
     The LM head runs only on the positions that predict a response token (positions ``P-1 .. P+R-2``; the
@@ -524,14 +538,25 @@ def response_forward(model, batch: RolloutBatch, temperature: float, *, entropy:
     logits exist. Logits are divided by the sampling ``temperature`` (the distribution the tokens were drawn
     from). Entropies come from the same chunks, with gradients when ``entropy_grad``. A model output with
     ``token_values`` (PPO's policy+critic module) gets them sliced to the same positions.
+
+    A packed ``layout`` (:func:`choose_layout`, padding-free) lays the sequences' real tokens end to end in
+    rows with restarting position ids (:meth:`RolloutBatch.packed`): no prompt or response padding is
+    computed; same outputs (values and entropies off the response mask are 0 then, not the padded ones).
     """
-    keep = batch.response_width + 1
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  **model_kwargs)
     mask = batch.response_mask.bool()
     rows, cols = mask.nonzero(as_tuple=True)
-    width = batch.input_ids.shape[1]
-    positions = rows * width + (width - keep) + cols
+    if layout is not None and layout.packed:
+        packed = batch.packed(layout.rows(batch.attention_mask.sum(1).tolist()))
+        inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, **model_kwargs)
+        width = packed.input_ids.shape[1]
+        positions = packed.slots[:, batch.prompt_width:][mask] - 1  # the token before each response token
+        keep = width - int((positions % width).min()) if len(positions) else 1
+    else:
+        keep = batch.response_width + 1
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, **model_kwargs)
+        width = batch.input_ids.shape[1]
+        positions = rows * width + (width - keep) + cols
     scale = 1.0 / temperature if temperature > 0 and temperature != 1.0 else 1.0
     logps_flat, ent_flat, _, out = _selected_logps(model, inputs, positions, batch.response_ids[mask], keep=keep,
                                                    scale=scale, entropy=entropy, entropy_grad=entropy_grad,
@@ -542,7 +567,11 @@ def response_forward(model, batch: RolloutBatch, temperature: float, *, entropy:
     if entropy:
         ent = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).index_put((rows, cols), ent_flat)
     values = getattr(out, "token_values", None)  # not "values": HF outputs are dicts with a values() method
-    if values is not None:
+    if values is not None and layout is not None and layout.packed:  # [rows, keep] -> the predicting positions
+        at = (positions // width) * keep + positions % width - (width - keep)
+        values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).index_put(
+            (rows, cols), values.reshape(-1)[at].float())
+    elif values is not None:
         values = values[:, -keep:-1].float()
     return ResponseOutput(logps=logps, entropy=ent, values=values)
 
@@ -553,15 +582,16 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score_rollout(model, batch: RolloutBatch, temperature: float, micro_batch_size: int, *, autocast=None,
-                  entropy: bool = False, **model_kwargs: Any) -> ResponseOutput:
-    """:func:`response_forward` over the whole rollout in micro-batches, without gradients, in eval mode
-    (the model's mode comes back after). Every process runs the same number of forwards (ZeRO-3 safe)."""
+                  entropy: bool = False, layout: BatchLayout | None = None, **model_kwargs: Any) -> ResponseOutput:
+    """:func:`response_forward` over the whole rollout in micro-batches (laid out by ``layout``), without
+    gradients, in eval mode (the model's mode comes back after). Every process runs the same number of
+    forwards (ZeRO-3 safe)."""
     parts: list[ResponseOutput] = []
     with eval_mode(model):
         for index in torch.arange(len(batch)).split(micro_batch_size):
             with autocast() if autocast is not None else contextlib.nullcontext():
                 parts.append(response_forward(model, batch.select(index), temperature, entropy=entropy,
-                                              **model_kwargs))
+                                              layout=layout, **model_kwargs))
     R = batch.response_width
 
     def cat(name: str) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from alignkit.config import ConfigError, RunConfig
-from alignkit.forward import score_rollout
+from alignkit.forward import BatchLayout, choose_layout, exact_layouts, score_rollout
 from alignkit.models import eval_mode, is_peft_model, load_model, unwrap_model
 from alignkit.rollout import RolloutBatch
 from alignkit.training import prepare_frozen
@@ -42,6 +42,18 @@ class Reference:
 
     def __init__(self, model: torch.nn.Module | None = None):
         self.model = model
+        self._packed_ok: bool | None = None  # can the frozen model take packed rows (probed once)
+
+    def layout_for(self, ref: torch.nn.Module, layout: BatchLayout | None) -> BatchLayout | None:
+        """``layout`` (the policy's) for ``ref``; a frozen model of its own is probed once before it runs packed."""
+        if ref is self.model and layout is not None and layout.packed:
+            if self._packed_ok is None:  # ZeRO-3 (partitioned weights): the attention implementation decides
+                zero3 = any(hasattr(p, "ds_id") for p in ref.parameters())
+                self._packed_ok = exact_layouts(ref, probe=False)["packed"] if zero3 else choose_layout(
+                    ref, padding_free=True, what="reference batches").packed
+            if not self._packed_ok:
+                return BatchLayout()
+        return layout
 
     @property
     def is_adapter_off_policy(self) -> bool:
@@ -86,9 +98,12 @@ def load_reference(cfg: RunConfig, tokenizer, accelerator, policy) -> Reference:
 
 
 def reference_logps(reference: Reference, model, batch: RolloutBatch, temperature: float, micro_batch_size: int, *,
-                    adapter_owner=None, autocast=None, **model_kwargs: Any) -> torch.Tensor:
-    """Log-probs of a rollout's response tokens under the reference. ``model_kwargs`` go to the policy's
-    forward only (the adapter-off case; e.g. ``values=False`` to skip PPO's critic)."""
+                    adapter_owner=None, autocast=None, layout: BatchLayout | None = None,
+                    **model_kwargs: Any) -> torch.Tensor:
+    """Log-probs of a rollout's response tokens under the reference, in the policy's ``layout`` where the
+    reference allows it. ``model_kwargs`` go to the policy's forward only (the adapter-off case; e.g.
+    ``values=False`` to skip PPO's critic)."""
     with reference.applied(model, adapter_owner) as ref:
         kwargs = model_kwargs if ref is model else {}
-        return score_rollout(ref, batch, temperature, micro_batch_size, autocast=autocast, **kwargs).logps
+        return score_rollout(ref, batch, temperature, micro_batch_size, autocast=autocast,
+                             layout=reference.layout_for(ref, layout), **kwargs).logps

@@ -7,7 +7,9 @@ checkpoint names count), on each process:
 1. **rollout**: the next ``rollout_batch_size`` prompts (a seeded order that resume replays), then
    ``generation.num_samples`` responses each (:mod:`alignkit.rollout`; ZeRO-3 gathers once per rollout). With
    ``environment.factory``, multi-turn episodes instead (:mod:`alignkit.rollout.multiturn`): every mask below
-   is then the action mask, so the tokens the environment added are in the context but in no loss;
+   is then the action mask, so the tokens the environment added are in the context but in no loss. With
+   ``async_steps: k`` the rollout was sampled while earlier steps trained, by the policy of up to ``k`` updates
+   ago (:mod:`alignkit.rollout.ahead`; the weights go to the sampler after each update);
 2. **rewards**: the reward sources, summed and post-processed (:mod:`alignkit.rewards`), + DAPO's overlong
    penalty (``overlong_buffer``). ``dynamic_sampling`` (GRPO, RLOO): groups whose rewards are all equal are
    dropped and the batch refilled from further prompts of the stream (:func:`refill_groups`);
@@ -57,7 +59,7 @@ from alignkit.critic import (
     rollout_values,
 )
 from alignkit.data import build_datasets
-from alignkit.forward import ResponseOutput, response_forward, score_rollout
+from alignkit.forward import ResponseOutput, choose_layout, response_forward, score_rollout
 from alignkit.losses.policy import (
     cispo_policy_loss,
     groups_with_signal,
@@ -194,6 +196,9 @@ class OnlineRLConfig:
                                     "(logged as dynamic_sampling/short).")
     ref_model: str | None = opt(None, "Reference model for the KL. None: the policy with its adapter off (lora/qlora) "
                                       "or a frozen copy of model.name_or_path (full).")
+    padding_free: bool = opt(True, "Pack each micro-batch's sequences (prompt + response, no padding) end to end "
+                                   "with restarting position ids for the old, reference and training forwards; "
+                                   "same log-probs, no pad token computed. Padded where the attention cannot.")
     disable_dropout: bool = opt(True, "Set dropout to 0 in the policy (and critic), so the old, reference and "
                                       "training log-probs of one token agree.")
     log_samples: int = opt(0, "Write this many (prompt, completion, reward) samples per logged step to "
@@ -637,6 +642,8 @@ def run(cfg: RunConfig) -> dict:
     minibatch_rows = t.per_device_batch_size * t.gradient_accumulation_steps
     n_updates = args.rollout_batch_size * n // minibatch_rows
     trained = PolicyAndCritic(policy, critic) if critic is not None else policy
+    layout = choose_layout(trained, padding_free=args.padding_free, accelerator=accelerator,
+                           what=f"{method} rollout batches")
     run_ = start_training(accelerator, cfg, trained, tokenizer, resume_from=resume_from, total_steps=max_steps,
                           total_updates=max_steps * args.ppo_epochs * n_updates,
                           method_state=OnlineState(kl_controller, reward), bar_keys=("reward", "kl", "loss/policy"),
@@ -728,7 +735,7 @@ def run(cfg: RunConfig) -> dict:
             values = rollout_values(model, batch, micro, autocast=autocast) if critic is not None else None
             old = ResponseOutput(logps=rollout.sampler_logps, values=values)
         elif need_old:
-            old = score_rollout(model, batch, temperature, micro, autocast=autocast,
+            old = score_rollout(model, batch, temperature, micro, autocast=autocast, layout=layout,
                                 **({"values": True} if critic is not None else {}))
         if args.mismatch_seq_threshold > 0:  # drop whole sequences the sampler and the trainer disagree on
             keep = mismatch_sequence_mask(old.logps, rollout.sampler_logps, mask, args.mismatch_seq_threshold,
@@ -738,7 +745,8 @@ def run(cfg: RunConfig) -> dict:
         ref_logps = None
         if reference is not None:
             ref_logps = reference_logps(reference, model, batch, temperature, micro, adapter_owner=inner_policy,
-                                        autocast=autocast, **({"values": False} if critic is not None else {}))
+                                        autocast=autocast, layout=layout,
+                                        **({"values": False} if critic is not None else {}))
         kl_tokens = None
         if old is not None and ref_logps is not None:
             kl_tokens = kl_estimate(old.logps, ref_logps, args.kl_estimator, clamp=args.kl_clamp) * mask
@@ -778,7 +786,7 @@ def run(cfg: RunConfig) -> dict:
                         w, m = part.response_width, part.loss_mask
                         with autocast():
                             fwd = response_forward(model, part, temperature, entropy=True,
-                                                   entropy_grad=args.entropy_coef > 0,
+                                                   entropy_grad=args.entropy_coef > 0, layout=layout,
                                                    **({"values": True} if critic is not None else {}))
                         old_part = old.logps[idx, :w] if old is not None else fwd.logps.detach()
                         ref = ref_logps[idx, :w] if ref_logps is not None else None

@@ -197,3 +197,43 @@ class RolloutBatch:
         return RolloutBatch(self.input_ids[index, cols], self.attention_mask[index, cols],
                             self.position_ids[index, cols], self.response_ids[index, :width],
                             self.response_mask[index, :width], action)
+
+    def packed(self, rows: list[list[int]]) -> PackedRollout:
+        """The rows' real tokens (prompt without its left padding, response without its right padding) laid
+        end to end, ``rows[k]`` holding the sequences that go to packed row ``k`` in that order; position ids
+        restart with each sequence (they are :attr:`position_ids`, counted over real tokens), no attention mask.
+        """
+        keep = self.attention_mask.bool()
+        lengths = keep.sum(1).tolist()
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        device = self.input_ids.device
+        start = torch.zeros(len(self), dtype=torch.long)
+        ends: list[tuple[int, int]] = []  # per packed row: (tokens used, sequence laid last)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                start[i] = r * width + at
+                at += lengths[i]
+            ends.append((at, row[-1]))
+        within = keep.long().cumsum(1) - 1
+        slots = torch.where(keep, start.to(device)[:, None] + within, -1)
+        flat = slots[keep]
+        input_ids = torch.zeros(len(rows) * width, dtype=self.input_ids.dtype, device=device)
+        input_ids[flat] = self.input_ids[keep]
+        positions = torch.zeros(len(rows) * width, dtype=self.position_ids.dtype, device=device)
+        positions[flat] = self.position_ids[keep]
+        positions = positions.view(len(rows), width)
+        for r, (used, last) in enumerate(ends):  # padding continues the last sequence's positions (as in SFT packing)
+            if used < width:
+                nxt = int(self.position_ids[last][keep[last]][-1]) + 1
+                positions[r, used:] = torch.arange(nxt, nxt + width - used, device=device)
+        return PackedRollout(input_ids.view(len(rows), width), positions, slots)
+
+
+@dataclass
+class PackedRollout:
+    """A :class:`RolloutBatch` without padding (:meth:`RolloutBatch.packed`)."""
+
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [rows, width], restarting at 0 with each sequence
+    slots: torch.Tensor  # [N, P+R]: flat index into the [rows, width] grid of each real token of the batch, -1 off
