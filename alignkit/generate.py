@@ -1,7 +1,8 @@
 """``alignkit generate``: responses of any model alignkit loads for a prompt file, optionally scored, as JSONL.
 
     alignkit generate MODEL --prompts prompts.jsonl --out responses.jsonl [--num-samples 4]
-        [--temperature 0.7 --top-p 0.9 --max-new-tokens 256 | --greedy] [--sampler hf|vllm]
+        [--temperature 0.7 --top-p 0.9 --max-new-tokens 256 | --greedy]
+        [--sampler hf|vllm|vllm_server [--vllm-server-url URL ...] [--vllm-server-sync-dir DIR]]
         [--reward-model PATH] [--reward-function file.py:fn ...] [--reward-url URL] [--seed 0]
 
 - MODEL: anything :func:`load_inference_model` loads (HF folder, training output or ``checkpoint-N`` folder,
@@ -22,6 +23,9 @@
   continues where it stopped (no prompt lost or done twice; batch ``g`` samples with a seed derived from
   ``--seed`` and ``g``, so the result is the one an uninterrupted run gives); running it with other
   settings is refused; ``--overwrite`` starts over.
+- ``--sampler vllm_server``: vLLM servers generate (``--vllm-server-url``, repeatable: running servers, e.g.
+  ``alignkit serve``; none: one is started here). MODEL's weights are sent to them once, before the first
+  batch, so they sample from MODEL whatever they loaded.
 """
 
 from __future__ import annotations
@@ -48,7 +52,12 @@ logger = logging.getLogger("alignkit")
 
 # how the sampled responses come out, not which: a resumed run may change them
 _SPEED_ONLY = {"batch_size", "zero3_gather", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
-               "vllm_kv_cache_gb", "vllm_sleep_mode", "model_batch_size", "url_timeout", "url_retries"}
+               "vllm_kv_cache_gb", "vllm_sleep_mode", "model_batch_size", "url_timeout", "url_retries",
+               "vllm_server_urls", "vllm_server_count", "vllm_server_timeout", "vllm_server_start_timeout",
+               "vllm_server_weight_sync", "vllm_server_sync_dir", "vllm_server_lora"}
+# the vllm_server sampler's advice names generation.* settings; here they are flags
+_SERVER_FLAGS = {"generation.vllm_server_urls": "--vllm-server-url", "generation.vllm_server_sync_dir":
+                 "--vllm-server-sync-dir"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file (one line per prompt)")
     parser.add_argument("--num-samples", type=int, default=1, help="responses per prompt (default 1)")
     add_sampling_arguments(parser, temperature=1.0, top_p=1.0, max_new_tokens=256)
-    parser.add_argument("--sampler", choices=["hf", "vllm"], default="hf", help="hf (model.generate, default) or "
-                        "vllm (pip install alignkit[vllm])")
+    parser.add_argument("--sampler", choices=["hf", "vllm", "vllm_server"], default="hf", help="hf (model.generate, "
+                        "default), vllm (pip install alignkit[vllm]) or vllm_server (vLLM servers over HTTP)")
+    parser.add_argument("--vllm-server-url", action="append", default=[], metavar="URL", help="vllm_server: a "
+                        "running server (alignkit serve), http://HOST:PORT (repeatable; none: one is started here)")
+    parser.add_argument("--vllm-server-sync-dir", metavar="DIR", help="vllm_server: a folder this machine writes "
+                        "MODEL's weights to and every server reads (servers on other machines: a shared one)")
     g = parser.add_argument_group("scoring (any mix; the scores are the weighted sum)")
     g.add_argument("--reward-model", metavar="PATH", help="a reward model folder, hub name or asset")
     g.add_argument("--reward-function", action="append", default=[], metavar="MODULE:FN",
@@ -408,14 +421,22 @@ def generate_main(argv: list[str]) -> int:
     if args.reward_model or args.reward_function or args.reward_url:
         reward = RewardSourcesConfig(model=args.reward_model, functions=args.reward_function, url=args.reward_url)
     try:
+        if args.sampler != "vllm_server" and (args.vllm_server_url or args.vllm_server_sync_dir):
+            flag = "--vllm-server-url" if args.vllm_server_url else "--vllm-server-sync-dir"
+            raise ConfigError(f"{flag} is for --sampler vllm_server (this run uses --sampler {args.sampler}): add "
+                              "--sampler vllm_server or drop it.")
+        server = {"vllm_server_urls": args.vllm_server_url, "vllm_server_sync_dir": args.vllm_server_sync_dir}
         summary = generate(args.model, args.prompts, args.out, reward=reward, batch_size=args.batch_size,
-                           sampling=sampling_config(args, num_samples=args.num_samples, sampler=args.sampler),
+                           sampling=sampling_config(args, num_samples=args.num_samples, sampler=args.sampler, **server),
                            seed=args.seed, system=args.system, max_prompt_length=args.max_prompt_length,
                            dtype=args.dtype, overwrite=args.overwrite)
     except AlignkitError as e:
         if os.environ.get("ALIGNKIT_DEBUG") == "1":
             raise
-        print(f"alignkit generate: error: {' '.join(str(e).split())}", file=sys.stderr)
+        message = " ".join(str(e).split())
+        for key, flag in _SERVER_FLAGS.items():
+            message = message.replace(key, flag)
+        print(f"alignkit generate: error: {message}", file=sys.stderr)
         return 2
     score = "" if summary["mean_score"] is None else f", mean score {summary['mean_score']:.4g}"
     print(f"{summary['prompts']} prompts x {args.num_samples} responses written to {summary['out']}{score}")

@@ -266,3 +266,50 @@ def test_a_reward_model_adapter_or_a_broken_adapter_is_refused(tmp_path):
     (tmp_path / "lost" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "./gone/base"}))
     with pytest.raises(AlignkitError, match="its base model './gone/base' cannot be loaded"):
         load_inference_model(str(tmp_path / "lost"))
+
+
+def test_vllm_server_sampler_sends_the_model_once_and_writes_the_servers_samples(tiny_model_dir, prompts, tmp_path):
+    """--sampler vllm_server against a loopback fake of a vLLM server: MODEL's weights go to it once (not per
+    batch), every prompt is one seeded request for --num-samples samples, and its tokens are the responses."""
+    from rollout.test_vllm_server_http import FakeVLLM, healthy_routes
+    from safetensors.torch import load_file
+
+    from alignkit.testing import tiny_tokenizer
+
+    cat = tiny_tokenizer()("the cat sat", add_special_tokens=False)["input_ids"]
+    loaded = []
+    fake = FakeVLLM({**healthy_routes(tiny_model_dir, loaded=loaded),
+                     "/v1/completions": lambda body: {"choices": [{"index": j, "token_ids": cat + [2]}
+                                                                  for j in range(body["n"])]}})
+    out = tmp_path / "out.jsonl"
+    try:
+        code = generate_main([str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out), "--num-samples", "2",
+                              "--batch-size", "3", "--sampler", "vllm_server", "--vllm-server-url", fake.url])
+    finally:
+        fake.close()
+    assert code == 0
+    lines = read_lines(out)
+    assert [line["id"] for line in lines] == [f"q{i}" for i in range(7)]
+    assert all(line["responses"] == ["the cat sat"] * 2 and line["ended_with_eos"] == [True, True] for line in lines)
+    requests = [body for path, body in fake.requests if path == "/v1/completions"]
+    assert len(requests) == 7 and all(r["n"] == 2 and "seed" in r for r in requests)
+    assert len(loaded) == 1  # three batches, one weight sync: the model does not change
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    assert set(loaded[0]) == set(weights) and all(torch.equal(loaded[0][k], weights[k]) for k in weights)
+
+
+def test_vllm_server_flags_without_that_sampler_are_one_line(tiny_model_dir, prompts, tmp_path, capsys):
+    code = generate_main([str(tiny_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                          "--vllm-server-url", "http://127.0.0.1:8000"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "alignkit generate: error: --vllm-server-url is for --sampler vllm_server (this run uses --sampler hf): add "
+        "--sampler vllm_server or drop it."]
+    # the sampler's advice names the flags, not the generation.* keys of a training config
+    from alignkit.launch import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    code = generate_main([str(tiny_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                          "--sampler", "vllm_server", "--vllm-server-url", url])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("alignkit generate: error:")]
+    assert code == 2 and len(err) == 1 and "the host and port in --vllm-server-url." in err[0], err
