@@ -111,6 +111,14 @@ def words_said(completion) -> float:
 
 def talk_env():
     return Nudge(dataset=DATA, rubric=vf.Rubric(funcs=[words_said]), max_turns=2)
+
+
+def arithmetic_env():
+    """An environment that ships with verifiers: ReasoningGymEnv (a SingleTurnEnv; reasoning-gym's tasks, an
+    XMLParser for <answer>, reasoning-gym's scoring in its rubric)."""
+    from verifiers.legacy.envs.integrations.reasoninggym_env import ReasoningGymEnv
+
+    return ReasoningGymEnv(gym="basic_arithmetic", num_train_examples=4, num_eval_examples=1, seed=0)
 '''
 
 
@@ -163,6 +171,25 @@ def test_verifiers_dataset_written_as_prompt_rows_starts_the_same_episode(tmp_pa
     assert row["answer"] == "5" and row["example_id"] == 0
     episode = load_environment(f"verifiers:{vf_file}:tool_env")(row)
     assert episode.reset(row) == row["prompt"]  # the system prompt is not added twice
+
+
+def test_verifiers_reasoning_gym_env_shipped_with_verifiers(tmp_path, tok, vf_file, monkeypatch):
+    """verifiers' own ReasoningGymEnv on its own dataset: one turn, scored by its parser and reasoning-gym."""
+    pytest.importorskip("reasoning_gym")
+    from alignkit.rewards.functions import load_function
+    from alignkit.rollout.env_verifiers import write_dataset
+
+    spec = f"verifiers:{vf_file}:arithmetic_env"
+    write_dataset(spec, tmp_path / "rows.jsonl", n=1)
+    row = json.loads((tmp_path / "rows.jsonl").read_text())
+    right = load_function(f"{vf_file}:arithmetic_env")().rg_dataset[int(row["answer"])]["answer"]
+    scripted_turns(monkeypatch, tok, [[f"<answer>{right}</answer>", "<answer>-12345</answer>"]])
+    out = sampler(tok, load_environment(spec), num_samples=2, max_new_tokens=64).generate_episodes(
+        ending_model(tok), [row])
+    ep = out.episodes
+    assert ep.stop == ["done", "done"] and ep.turns.tolist() == [1, 1]  # a SingleTurnEnv
+    assert ep.rewards.tolist() == [1.0, 0.0]
+    assert ep.messages[0][0]["role"] == "system" and ep.messages[0][1]["content"] == row["prompt"][-1]["content"]
 
 
 def test_verifiers_multiturn_env_response_and_stop_conditions_with_real_sampling(tok, vf_file):
@@ -371,6 +398,70 @@ def test_openenv_plain_environment_its_action_as_one_tool(tok, openenv_file, mon
     assert ep.tool_errors.tolist() == [0, 2]
     assert ep.messages[0][2] == {"role": "tool", "name": "echo", "content": "the cat"}
     assert "ValidationError" in ep.messages[1][2]["content"] and "no tool named 'shout'" in ep.messages[1][4]["content"]
+
+
+@pytest.fixture
+def echo_env_package(tmp_path, openenv_file, monkeypatch):
+    """OpenEnv's echo environment as ``openenv init echo_env`` writes it (the template TRL's echo example runs),
+    importable as the package ``echo_env``."""
+    import subprocess
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "openenv"
+    proc = subprocess.run([str(cli), "init", "echo_env", "--output-dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "echo_env" or n.startswith("echo_env.")]:
+        monkeypatch.delitem(sys.modules, name)
+    (tmp_path / "echo_client.py").write_text(
+        "import os\nfrom echo_env.client import EchoEnv\n\n\n"
+        "def echo_client():\n    return EchoEnv(base_url=os.environ['ALIGNKIT_TEST_OPENENV_URL'])\n")
+    return tmp_path
+
+
+def test_openenv_echo_env_from_openenv_init(tok, echo_env_package, monkeypatch):
+    """OpenEnv's own echo environment, in this process and behind its own server app through its typed client:
+    its EchoAction is the tool, its reward (0.1 per character, at most 1) is the episode's; its server takes one
+    session, so two episodes at once stop with the capacity error."""
+    import importlib
+
+    import uvicorn
+
+    factory = load_environment("openenv:echo_env.server.echo_env_environment:EchoEnvironment")
+    episode = factory({})
+    ready = json.dumps({"echoed_message": "Echo Env environment ready!", "message_length": 0})  # its fields
+    assert episode.reset({"prompt": "Echo hello."}) == [{"role": "user", "content": f"Echo hello.\n\n{ready}"}]
+    assert episode.tools[0]["function"]["name"] == "echo"
+    assert episode.tools[0]["function"]["parameters"]["required"] == ["message"]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = importlib.import_module("echo_env.server.app").app  # its own server app: one session at a time
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    monkeypatch.setenv("ALIGNKIT_TEST_OPENENV_URL", f"http://127.0.0.1:{port}")
+    try:
+        for spec in ["openenv:echo_env.server.echo_env_environment:EchoEnvironment",
+                     f"openenv:{echo_env_package / 'echo_client.py'}:echo_client"]:
+            scripted_turns(monkeypatch, tok, [[call("echo", message="hello")], ["That is all."]])
+            out = sampler(tok, load_environment(spec), num_samples=1, max_new_tokens=64).generate_episodes(
+                ending_model(tok), [{"prompt": "Echo hello."}])
+            ep = out.episodes
+            assert ep.stop == ["done"] and ep.turns.tolist() == [2] and ep.rewards.tolist() == [0.5], spec
+            assert ep.messages[0][2] == {"role": "tool", "name": "echo", "content": json.dumps(
+                {"echoed_message": "hello", "message_length": 5})}
+        scripted_turns(monkeypatch, tok, [["hi", "hi"]])
+        with pytest.raises(AgentEnvironmentError, match="at capacity.*max_concurrent_envs"):
+            sampler(tok, load_environment(f"openenv:http://127.0.0.1:{port}"), num_samples=2).generate_episodes(
+                ending_model(tok), [{"prompt": "Echo hello."}])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 # --------------------------------------------------------------------------------------------------
