@@ -174,6 +174,7 @@ class MultiTurnSampler:
         from alignkit.rollout.vllm import VLLMSampler
 
         args = dict(self._engine_args)
+        args["policy"] = args["policy"] if args["policy"] is not None else model  # its GPU memory check
         if args["dtype"] is None:  # the policy's own (it was loaded in model.dtype)
             floats = [p.dtype for p in (model.parameters() if model is not None else []) if p.is_floating_point()]
             args["dtype"] = str(floats[0]) if floats else "auto"

@@ -116,6 +116,9 @@ def test_grpo_learns_a_two_turn_environment(tmp_path, ending_model_dir, prompts,
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     roles = [m["role"] for m in sample["episode"]]
     assert roles[:2] == ["user", "assistant"] and sample["turns"] == roles.count("assistant")
+    assert sample["stop"] in ("done", "no_eos", "max_turns", "token_budget")  # marked per episode
+    assert sum(rows[0][f"env/stop_{s}"] for s in ("done", "no_eos", "max_turns", "token_budget", "timeout")) == \
+        pytest.approx(1.0)  # every episode counted under one reason
     if sample["turns"] == 2:
         assert roles == ["user", "assistant", "tool", "assistant"]
 
