@@ -251,6 +251,11 @@ class VerifiersEpisode:
                 self.prompt = list(run_coroutine(env.get_prompt_messages(state)))  # runs env_response
                 replies = self.prompt[before:]
             except vf.Error as e:  # as verifiers' rollout loop: recorded, and a stop condition ends the episode
+                cause = e
+                while cause is not None and not isinstance(cause, AgentEnvironmentError):
+                    cause = cause.__cause__ or cause.__context__
+                if cause is not None:  # it asked the policy client for a response: a contract error, not the policy's
+                    raise AgentEnvironmentError(f"{self.where}: {cause}") from e
                 if isinstance(e, vf.OverlongPromptError):
                     state["prompt_too_long"] = True
                 else:

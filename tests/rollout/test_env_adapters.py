@@ -113,6 +113,18 @@ def talk_env():
     return Nudge(dataset=DATA, rubric=vf.Rubric(funcs=[words_said]), max_turns=2)
 
 
+class AsksTheModel(vf.MultiTurnEnv):
+    """An environment whose env_response samples the model itself (verifiers' get_model_response)."""
+
+    async def env_response(self, messages, state, **kwargs):
+        await self.get_model_response(state, messages)
+        return []
+
+
+def asks_the_model_env():
+    return AsksTheModel(dataset=DATA, rubric=vf.Rubric(funcs=[the_share]), max_turns=3)
+
+
 def arithmetic_env():
     """An environment that ships with verifiers: ReasoningGymEnv (a SingleTurnEnv; reasoning-gym's tasks, an
     XMLParser for <answer>, reasoning-gym's scoring in its rubric)."""
@@ -486,6 +498,10 @@ def test_spec_errors_name_the_environment(tmp_path, vf_file, openenv_file):
         load_environment("verifiers:no-such-env")
     with pytest.raises(AgentEnvironmentError, match="no function 'nope'"):
         load_environment(f"verifiers:{vf_file}:nope")
+    episode = load_environment(f"verifiers:{vf_file}:asks_the_model_env")({})
+    episode.reset({"prompt": "hi"})
+    with pytest.raises(AgentEnvironmentError, match="asked for a model response itself"):
+        episode.step({"role": "assistant", "content": "hello"})
     (tmp_path / "not_env.py").write_text("def make():\n    return 3\n")
     with pytest.raises(AgentEnvironmentError, match="not a verifiers MultiTurnEnv"):
         load_environment(f"verifiers:{tmp_path / 'not_env.py'}:make")
