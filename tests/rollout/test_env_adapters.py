@@ -185,6 +185,17 @@ def test_verifiers_dataset_written_as_prompt_rows_starts_the_same_episode(tmp_pa
     assert episode.reset(row) == row["prompt"]  # the system prompt is not added twice
 
 
+def test_verifiers_env_id_loads_the_module_named_after_it(tmp_path, vf_file, monkeypatch):
+    """``verifiers:<env id>`` as prime-rl loads environments: the module named after the id (vf-tiny-env ->
+    vf_tiny_env, as a pip-installed environment package is), its load_environment()."""
+    (tmp_path / "vf_tiny_env.py").write_text(
+        "from verifiers_envs import tool_env\n\n\ndef load_environment():\n    return tool_env()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    episode = load_environment("verifiers:vf-tiny-env")({})
+    assert episode.reset({"prompt": "What is 2 + 3?"})[0] == {"role": "system", "content": "Use the tools."}
+    assert [t["function"]["name"] for t in episode.tools] == ["add"]
+
+
 def test_verifiers_reasoning_gym_env_shipped_with_verifiers(tmp_path, tok, vf_file, monkeypatch):
     """verifiers' own ReasoningGymEnv on its own dataset: one turn, scored by its parser and reasoning-gym."""
     pytest.importorskip("reasoning_gym")
