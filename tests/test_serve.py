@@ -45,3 +45,5 @@ def test_print_gives_the_line_the_vllm_server_sampler_needs(tmp_path, monkeypatc
 def test_a_bad_flag_is_a_usage_error(capsys):
     assert main(["serve", "m", "--kv-cache-gb", "0"]) == 2
     assert "alignkit serve: error: argument --kv-cache-gb: 0: must be > 0" in capsys.readouterr().err
+    assert main(["serve", "m", "--gpu-memory-utilization", "1.5"]) == 2
+    assert "argument --gpu-memory-utilization: 1.5: must be > 0 and <= 1" in capsys.readouterr().err
