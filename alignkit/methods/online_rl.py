@@ -812,7 +812,8 @@ def run(cfg: RunConfig) -> dict:
         if ahead is not None:  # the new weights to the sampler (after the rollouts in flight), the next rollout starts
             waited, synced = ahead.push(sample_from, state.step + 1)
             metrics.add("async/gen_wait", took + waited)  # the trainer's waits for rollouts in this step
-            metrics.add("weight_sync", synced)
+            if synced is not None:  # (the last async_steps + 1 steps send none: every rollout is sampled)
+                metrics.add("weight_sync", synced)
 
         # 6. KL controller, metrics, samples, checkpoints
         state.step += 1

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.models import unwrap_model
+from alignkit.models import model_device, unwrap_model
 from alignkit.rollout.batch import Rollout
 from alignkit.rollout.hf import HFSampler
 
@@ -39,7 +39,8 @@ class SnapshotSampler:
     """The ``hf`` sampler for ``async_steps``: ``model.generate`` on a frozen copy of the policy, in a
     background thread, while the policy itself trains. :meth:`sync_weights` copies the policy's trainable
     parameters (a LoRA policy: its adapter) into the copy. It holds a second copy of the policy in memory,
-    and the thread seeds torch's global generator while it samples (as the synchronous ``hf`` sampler does)."""
+    and the thread seeds torch's global generator while it samples (as the synchronous ``hf`` sampler does).
+    On a GPU it samples on a CUDA stream of its own, so its kernels can run beside the update's."""
 
     def __init__(self, sampler: HFSampler, policy: torch.nn.Module):
         self.sampler = sampler
@@ -48,6 +49,8 @@ class SnapshotSampler:
         self._pairs = [(c, p) for c, p in zip(self.copy.parameters(), inner.parameters(), strict=True)
                        if p.requires_grad]
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-rollout")
+        device = model_device(self.copy)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # None: no stream switch
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -55,7 +58,12 @@ class SnapshotSampler:
             theirs.copy_(ours)
 
     def submit(self, prompts: list[list[int]], *, seed: int | None = None, logps: bool = False) -> Future:
-        return self._thread.submit(self.sampler.generate, self.copy, prompts, seed=seed, logps=logps)
+        return self._thread.submit(self._generate, prompts, seed, logps)
+
+    def _generate(self, prompts: list[list[int]], seed: int | None, logps: bool) -> Rollout:
+        # the rollout is built from host lists (generate reads its tokens back), so it is complete when returned
+        with torch.cuda.stream(self._stream):
+            return self.sampler.generate(self.copy, prompts, seed=seed, logps=logps)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -86,16 +94,16 @@ class RolloutsAhead:
         future = self.sampler.submit([r["prompt_ids"] for r in rows], seed=self.seed(step), logps=self.logps)
         return Ahead(step, rows, self.version, future)
 
-    def push(self, model: torch.nn.Module, version: int) -> tuple[float, float]:
+    def push(self, model: torch.nn.Module, version: int) -> tuple[float, float | None]:
         """The weights of ``model`` (``version`` = the steps it has trained) to the sampler, once the rollouts
         in flight are done; then the rollouts of the steps up to ``version + depth`` start. Returns (seconds
-        waited for the rollouts in flight, seconds of the weight sync)."""
+        waited for the rollouts in flight, seconds of the weight sync or None when every rollout is sampled)."""
         start = time.perf_counter()
         for ahead in self.pending:
             ahead.future.result()  # (an error in the background is raised here)
         synced = time.perf_counter()
         if self.next_step is not None and self.next_step >= self.end:
-            return synced - start, 0.0  # every rollout is sampled: no weights to send
+            return synced - start, None  # every rollout is sampled: no weights to send
         self.sampler.sync_weights(model)
         done = time.perf_counter()
         self.version = version

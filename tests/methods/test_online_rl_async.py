@@ -66,6 +66,7 @@ def test_the_queue_keeps_step_order_versions_and_the_staleness_bound():
         ahead.push(f"v{step + 1}", step + 1)
     assert staleness == [0, 1, 2, 2, 2]
     assert len(sampler.log) == 5 and not ahead.pending  # nothing past `end`
+    assert ahead.push("v6", 6)[1] is None and sampler.weights == "v2"  # no weights sent once all are sampled
 
     ahead, sampler = _queue(depth=1)
     ahead.push("v0", 0)
@@ -98,7 +99,9 @@ def test_grpo_one_step_ahead_learns_and_logs_its_staleness(tmp_path, tiny_model_
     assert [r["async/staleness"] for r in rows] == [0.0] + [1.0] * 15
     assert rows[0]["sampler_logp_diff"] < 1e-5  # the first rollout: the policy's own weights
     assert min(r["sampler_logp_diff"] for r in rows[1:]) > 1e-2  # later: one update behind
-    assert all(r["async/gen_wait"] >= 0 and r["weight_sync"] >= 0 for r in rows)
+    assert all(r["async/gen_wait"] >= 0 for r in rows)
+    # every step sends its weights but the last two: the rollout of the last step is sampled after step 14
+    assert all(r["weight_sync"] >= 0 for r in rows[:-2]) and not any("weight_sync" in r for r in rows[-2:])
     rewards = [r["reward"] for r in rows]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     assert rows[-1]["epoch"] == 16 * 4 / 64  # the prompt batches trained on, not the ones sampled ahead
