@@ -234,10 +234,10 @@ class MultiTurnSampler:
             ep.messages = messages
             ep.prompt = list(tok(_render(tok, messages, tools, True), add_special_tokens=False)["input_ids"])
             episodes.append(ep)
+        for ep in episodes:  # a first prompt that fills vLLM's context leaves no room for a turn
+            if context is not None and len(ep.prompt) >= context:
+                ep.stop = "token_budget"
         for turn in range(c.max_turns):
-            for ep in episodes:  # vLLM's context is full: no room for another turn
-                if ep.stop is None and context is not None and len(ep.prompt) + len(ep.tokens) >= context:
-                    ep.stop = "token_budget"
             active = [ep for ep in episodes if ep.stop is None]
             if not (any_running(bool(active)) if any_running is not None else active):
                 break
@@ -297,7 +297,8 @@ class MultiTurnSampler:
                 ids = environment_tokens(tok, conversation, list(result.messages), getattr(ep.env, "tools", None),
                                          end_of_turn)
                 ep.messages = conversation + list(result.messages)
-                if len(ep.tokens) + len(ids) >= c.max_episode_tokens:  # no room left for another turn
+                if len(ep.tokens) + len(ids) >= c.max_episode_tokens or (  # no room left for another turn
+                        context is not None and len(ep.prompt) + len(ep.tokens) + len(ids) >= context):
                     ep.stop = "token_budget"
                     continue
                 ep.append(ids, False)

@@ -263,7 +263,7 @@ class TestMultiTurn:
                                                "<|im_start|>assistant\n")
         assert tokens[start - 1] == tok.eos_token_id
 
-    def test_seeded_episodes_repeat_and_the_limits_stop_them(self, sampler, tiny_dir, tok, rows):
+    def test_seeded_episodes_repeat_and_the_limits_stop_them(self, sampler, tiny_dir, tok, rows, monkeypatch):
         from alignkit.rollout.multiturn import EnvironmentConfig
 
         policy = ending_policy(tiny_dir, tok)
@@ -280,8 +280,34 @@ class TestMultiTurn:
             sampler.config = EnvironmentConfig(max_turns=8, max_episode_tokens=20)
             small = sampler.generate_episodes(policy, rows, seed=5)
             assert "token_budget" in small.episodes.stop and int(small.response_mask.sum(1).max()) <= 20
+            # vLLM's context (vllm_max_model_len) bounds an episode too: stop=token_budget, no vLLM error
+            sampler.config = EnvironmentConfig(max_turns=8)
+            context = int(a.prompt_mask.sum(1).max()) + 30
+            with monkeypatch.context() as m:
+                m.setattr(VLLMSampler, "max_model_len", property(lambda self: context))
+                full = sampler.generate_episodes(policy, rows, seed=5)
+            lengths = full.prompt_mask.sum(1) + full.response_mask.sum(1)
+            assert "token_budget" in full.episodes.stop and int(lengths.max()) <= context
         finally:
             sampler.config = limits
+
+    def test_greedy_episodes_are_the_hf_samplers(self, sampler, tiny_dir, tok, rows):
+        """Same prompts, same environment, greedy: both samplers build the same token sequences, environment
+        blocks included (the vLLM path feeds vLLM exactly the ids the hf path feeds generate)."""
+        from alignkit.rollout.multiturn import MultiTurnSampler
+
+        policy = ending_policy(tiny_dir, tok)
+        config = sampler.sampling
+        try:
+            sampler.sampling = sampler.engine.config = dataclasses.replace(config, do_sample=False)
+            ours = sampler.generate_episodes(policy, rows)
+        finally:
+            sampler.sampling = sampler.engine.config = config
+        hf = MultiTurnSampler(tok, dataclasses.replace(config, sampler="hf", do_sample=False), sampler.config,
+                              factory=sampler.factory).generate_episodes(policy, rows)
+        assert real_rows(ours) == real_rows(hf)
+        assert torch.equal(ours.action_mask * ours.response_mask, hf.action_mask * hf.response_mask)
+        assert ours.episodes.stop == hf.episodes.stop and int(ours.episodes.turns.sum()) > len(ours)
 
 
 # --------------------------------------------------------------------------------------------------
