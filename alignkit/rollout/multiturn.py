@@ -204,7 +204,9 @@ class MultiTurnSampler:
 
         ``any_running(flag)``: True on every process when ``flag`` is on any (e.g. an all-reduce). With several
         processes each keeps taking turns (a one-token dummy generate once its own episodes are over) until
-        every process is done, since gathering ZeRO-3 weights for a generate is collective."""
+        every process is done, since gathering ZeRO-3 weights for a generate is collective (vllm: the weight
+        sync before the first turn is; with tensor parallelism an idle process joins its group's turns with
+        no requests)."""
         tok, c, k = self.tokenizer, self.config, self.sampling.num_samples
         # ZeRO-3 forwards are collective: every process runs one generate per turn (all its episodes in one
         # batch) and keeps running forwards until every process's turn is over (synced_gpus)
