@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,17 @@ def hf_logps(folder: Path, prompt: list[int], responses: list[list[int]]) -> lis
     return out
 
 
+def end_group(pgid: int, grace: float = 20.0) -> None:
+    """SIGTERM to every process of the job, SIGKILL to what is left after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # ProcessLookupError once the group is gone
+            time.sleep(0.5)
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def largest_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
@@ -138,8 +150,7 @@ def test_the_batch_script_trains_grpo_on_two_nodes_against_a_server_started_with
             generate(str(tmp_path / "grpo"), str(tmp_path / "eval.jsonl"), tmp_path / f"{name}.jsonl", dtype="float32",
                      sampling=SamplingConfig(max_new_tokens=8, do_sample=False, **sampler))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGTERM)  # the servers too (SLURM ends a job's steps with the job)
+        end_group(job.pid)  # the servers too (SLURM ends a job's steps with the job)
     print(output[-1500:])
 
     # both ranks sampled their own prompts from the server and scored them, at every step
