@@ -121,7 +121,8 @@ def _tiny(tiny_model_dir, out: Path) -> list[str]:
             "success_before.args.limit=4", "success_after.args.limit=4", "success_before.args.max_new_tokens=6",
             "success_after.args.max_new_tokens=6", "grpo.grpo.generation.max_new_tokens=6",
             "grpo.grpo.generation.num_samples=2", "grpo.grpo.rollout_batch_size=2",
-            "grpo.training.per_device_batch_size=4", "grpo.grpo.environment.max_episode_tokens=24",
+            "grpo.training.per_device_batch_size=4", "grpo.training.gradient_accumulation_steps=1",
+            "grpo.grpo.environment.max_episode_tokens=24",
             "grpo.data.max_length=64"]
 
 
