@@ -653,7 +653,8 @@ def run(cfg: RunConfig) -> dict:
         cut_jsonl(run_.output_dir / "samples.jsonl", state.step)
     if multi_turn:
         sampler = MultiTurnSampler(tokenizer, args.generation, args.environment, device=accelerator.device,
-                                   where=f"{method}.environment")
+                                   where=f"{method}.environment", model_name_or_path=cfg.model.name_or_path,
+                                   dtype=cfg.model.dtype, seed=t.seed, policy=model)
     else:
         sampler = build_sampler(args.generation, tokenizer, model_name_or_path=cfg.model.name_or_path,
                                 device=accelerator.device, dtype=cfg.model.dtype, seed=t.seed, policy=model)

@@ -59,7 +59,9 @@ class EnvironmentConfig:
     """A multi-turn environment for the online methods (YAML section ``environment:``)."""
 
     factory: str | None = opt(None, "Environment factory, 'file.py:make_env' or 'module:make_env': make_env(row) "
-                                    "returns a fresh environment per episode (docs/agents.md). None = single-turn.")
+                                    "returns a fresh environment per episode; or a library's environment: "
+                                    "'verifiers:<env id>', 'openenv:<module:Class>' or 'openenv:<url>' "
+                                    "(docs/agents.md). None = single-turn.")
     max_turns: int = opt(4, "Most assistant turns per episode; an episode still running then stops (stop=max_turns).")
     max_episode_tokens: int = opt(1024, "Most tokens per episode after the prompt (sampled + environment); an "
                                         "episode that would pass it stops (stop=token_budget).")
