@@ -206,7 +206,9 @@ def run_case(args) -> dict:
                           vllm_max_model_len=512)
         if finetune == "lora":
             model.update(finetune="lora", lora_r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0)
-    training = {"output_dir": str(out), "max_steps": args.steps + args.warmup, "per_device_batch_size": n,
+    # rollout cases: 2 untimed steps at the end, since the last 2 of an async_steps 1 run send no weights
+    tail = 2 if case in ROLLOUT_CASES else 0
+    training = {"output_dir": str(out), "max_steps": args.steps + args.warmup + tail, "per_device_batch_size": n,
                 "learning_rate": 1e-6, "report_to": ["jsonl"], "mixed_precision": "no" if smoke else "bf16",
                 "overwrite_output_dir": True, "lr_scheduler": "constant", "seed": 0}
     if case == "ppo":
@@ -229,11 +231,15 @@ def run_case(args) -> dict:
     alignkit.train(method, model=model, data={"train": [str(data)], "max_length": 256},
                    training=training, **{method: section})
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
-    if len(rows) != args.steps + args.warmup:
-        raise RuntimeError(f"expected {args.steps + args.warmup} logged steps, found {len(rows)}")
-    elapsed = rows[-1]["time"] - rows[args.warmup - 1]["time"]
-    timed = rows[args.warmup:]
-    mean = lambda key: sum(r.get(key, float("nan")) for r in timed) / len(timed)  # noqa: E731
+    if len(rows) != args.steps + args.warmup + tail:
+        raise RuntimeError(f"expected {args.steps + args.warmup + tail} logged steps, found {len(rows)}")
+    timed = rows[args.warmup:args.warmup + args.steps]
+    elapsed = timed[-1]["time"] - rows[args.warmup - 1]["time"]
+
+    def mean(key: str) -> float:
+        values = [r[key] for r in timed if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
     waits = [r["async/gen_wait"] if "async/gen_wait" in r else r["gen_share"] * r["step_time"] for r in timed]
     return {"samples_per_s": n * args.steps / elapsed, "step_s": elapsed / args.steps, "peak_mb": peak_mb(),
             "wait_s": sum(waits) / len(waits), "sync_s": mean("weight_sync"), "staleness": mean("async/staleness")}
@@ -358,8 +364,8 @@ def rollout_report(args, env: str, size: str, policy_m: float, results: dict[str
     lines = [f"### GPU: GRPO through colocated vLLM vs one `vllm serve`, synchronous vs `async_steps: 1` ({env})", "",
              f"The {size} ({policy_m:.0f}M parameters) random-init Qwen2 policy of the section above, {precision}; "
              f"{args.prompts} prompts x {args.samples} samples per step, {args.max_new_tokens} new tokens, one update "
-             f"per rollout, tis_cap 2, {args.steps} timed steps after {args.warmup} warm-up; means over the timed "
-             "steps. The server shares the GPU with the trainer (gpu_memory_utilization 0.3) and gets the weights as "
+             f"per rollout, tis_cap 2, {args.steps} timed steps after {args.warmup} warm-up (and 2 untimed after); "
+             "means over the timed steps. The server shares the GPU with the trainer (gpu_memory_utilization 0.3) and gets the weights as "
              "files through /dev/shm (full: the whole policy; lora: the adapter). *waits for rollouts*: "
              "synchronous, the weight sync + generation before each update; async, the part of the next rollout "
              "not hidden behind the update. Peak memory: the trainer's process (the server's is its own).", "",
