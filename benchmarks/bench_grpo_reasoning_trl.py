@@ -96,7 +96,7 @@ def run_alignkit(work: Path) -> dict:
     logged = [x for x in logged if "reward" in x]
     ends = [x["time"] for x in logged]
     return {"ends": ends, "wall_s": wall, "reward": [x["reward"] for x in logged],
-            "kl": [x.get("kl") for x in logged], "after": evaluate(run_dir, work / "alignkit_eval")}
+            "kl": [x.get("loss/kl") for x in logged], "after": evaluate(run_dir, work / "alignkit_eval")}
 
 
 def run_trl(work: Path) -> dict:
@@ -213,6 +213,7 @@ def main() -> None:
                   flush=True)
         for name in ("alignkit", "trl"):
             results[name]["paired"] = paired(work / "base_eval", work / f"{name}_eval")
+        (work / "results.json").write_text(json.dumps(results, indent=1))
     write_report(args, results)
 
 
@@ -259,13 +260,14 @@ def write_report(args, results: dict) -> None:
         f"number (± is the binomial standard error). Base model: {acc(base)}, distinct-2 {base['distinct_2']:.3f}.",
         "",
         "| run | held-out accuracy after | fixed / broken vs base | distinct-2 | reward (first 5 -> last 5 steps) "
-        "| KL at the last step | completions/s | training wall time (s) |",
+        "| KL per token at the last step | completions/s | training wall time (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows, "",
         f"alignkit's throughput is {ratio:.2f}x TRL's (completions per second over steps 2 to {t.max_steps}). "
         "Fixed / broken: held-out prompts the base model got wrong and the trained one right, and the reverse. "
         "The two runs draw prompts and samples from their own random streams, so their accuracies differ by "
-        "chance as well.", "",
+        "chance as well. KL per token: k3 to the base model, averaged over each sequence's tokens and then "
+        "the sequences (alignkit's `loss/kl`) or over all tokens of the batch (TRL's `kl`).", "",
         "How the settings map:", "", MAPPING, ""]
     section = "\n".join(lines)
     print("\n" + section)

@@ -76,13 +76,14 @@ def paired_counts(before: str | Path, after: str | Path) -> tuple[int, int]:
     """(fixed, broken) between two ``answers.jsonl`` files of the same held-out prompts: the prompts answered
     wrong before and right after, and the reverse. A gain is real when fixed clearly outnumbers broken, not
     when a few prompts swing both ways."""
-    def scores(path):
-        return {r["question"]: r["score"] >= 1.0 for r in map(json.loads, Path(path).read_text().splitlines())}
+    def rows(path):  # line by line: a held-out split may ask the same question twice
+        return [(r["question"], r["score"] >= 1.0) for r in map(json.loads, Path(path).read_text().splitlines())]
 
-    b, a = scores(before), scores(after)
-    if b.keys() != a.keys():
+    b, a = rows(before), rows(after)
+    if [q for q, _ in b] != [q for q, _ in a]:
         raise ValueError(f"{before} and {after} hold different held-out prompts; evaluate both on the same ones")
-    return sum(a[q] and not b[q] for q in b), sum(b[q] and not a[q] for q in b)
+    return (sum(right and not was for (_, was), (_, right) in zip(b, a)),
+            sum(was and not right for (_, was), (_, right) in zip(b, a)))
 
 
 def reward_curve(run_dir: str | Path, *, key: str = "reward", window: int = 5,

@@ -63,14 +63,14 @@ def test_reward_curve_reads_the_run_metrics_and_plots(tmp_path):
 def test_paired_counts_counts_prompts_fixed_and_broken_by_training(tmp_path):
     from examples.reasoning.evaluate import paired_counts
 
-    def answers(name, scores):
+    def answers(name, scores, questions=("q0", "q1", "q2", "q3", "q4", "q1")):  # q1 twice, as a split may ask
         path = tmp_path / name
-        path.write_text("".join(json.dumps({"question": f"q{i}", "score": s}) + "\n" for i, s in enumerate(scores)))
+        path.write_text("".join(json.dumps({"question": q, "score": s}) + "\n" for q, s in zip(questions, scores)))
         return path
 
-    before = answers("before.jsonl", [0.0, 0.0, 1.0, 1.0, 0.0])
-    after = answers("after.jsonl", [1.0, 1.0, 0.0, 1.0, 0.0])
-    assert paired_counts(before, after) == (2, 1)
-    assert paired_counts(after, before) == (1, 2)
+    before = answers("before.jsonl", [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    after = answers("after.jsonl", [1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    assert paired_counts(before, after) == (3, 1)
+    assert paired_counts(after, before) == (1, 3)
     with pytest.raises(ValueError, match="different held-out prompts"):
         paired_counts(before, answers("other.jsonl", [1.0]))
