@@ -132,8 +132,8 @@ def call(server: Server, path: str, payload: dict | None = None, *, timeout: flo
         died = ""
         if server.process is not None and server.process.poll() is not None:
             died = f"; it exited with code {server.process.returncode}: {server.root_cause()}"
-        raise ServerError(f"{server.where()} is not reachable for {doing} ({reason}){died}: check that `vllm serve` "
-                          "runs there and the host and port in generation.vllm_server_urls.") from e
+        raise ServerError(f"{server.where()} is not reachable for {doing} ({reason}){died}: check that `alignkit serve` "
+                          "(or vllm with the flags of docs/rollouts_and_rewards.md) runs there and the host and port in generation.vllm_server_urls.") from e
     if not body.strip():
         return {}
     try:
@@ -378,7 +378,7 @@ class VLLMServerSampler:
         call(server, "/health", timeout=self.health_timeout, what="the health check")
         models = call(server, "/v1/models", timeout=self.health_timeout).get("data") or []
         if not models:
-            raise ServerError(f"{server.where()} serves no model: start it with `vllm serve {self.path}`.")
+            raise ServerError(f"{server.where()} serves no model: start it with `alignkit serve {self.path}`.")
         server.info["model"] = models[0]["id"]
         server.info["max_model_len"] = models[0].get("max_model_len")
         # its first answer collects the system's environment (pip, lscpu, ...): seconds on a busy machine
@@ -434,7 +434,7 @@ class VLLMServerSampler:
             raise ServerError(f"{server.where()} serves {server.info.get('model')} ({', '.join(info['architectures'])}, "
                               f"vocabulary {info['vocab_size']}, hidden size {info['hidden_size']}), but the policy "
                               f"is {self.path} ({', '.join(arch)}, vocabulary {vocab}, hidden size {hidden}): start "
-                              f"the server with `vllm serve {self.path}` or fix generation.vllm_server_urls.")
+                              f"the server with `alignkit serve {self.path}` or fix generation.vllm_server_urls.")
 
     # -------------------------------------------------------------------------------------------- weights
 

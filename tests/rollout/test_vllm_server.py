@@ -145,7 +145,7 @@ def test_a_server_of_another_model_is_refused(sampler, tok, tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "hidden_size": 128, "head_dim": 64}))
     urls = [s.url for s in sampler.servers]
     with pytest.raises(ServerError, match=rf"vLLM server {urls[0]} serves .*hidden size 64\), but the policy is "
-                                          r".*hidden size 128\): start the server with `vllm serve"):
+                                          r".*hidden size 128\): start the server with `alignkit serve"):
         VLLMServerSampler(str(other), tok, SamplingConfig(sampler="vllm_server", vllm_server_urls=urls),
                           dtype="float32")
 

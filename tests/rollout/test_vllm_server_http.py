@@ -118,7 +118,7 @@ def sampler_for(tok, tiny_dir, *urls, **fields) -> VLLMServerSampler:
 def test_a_dead_server_is_one_line_naming_it(tok, tiny_dir):
     url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     with pytest.raises(ServerError, match=rf"vLLM server {url} is not reachable for the health check .*check that "
-                                          r"`vllm serve` runs there and the host and port in generation.vllm_server_urls"):
+                                          r"`alignkit serve` \(or vllm with the flags of docs/rollouts_and_rewards.md\) runs there and the host and port in generation.vllm_server_urls"):
         sampler_for(tok, tiny_dir, url)
 
 
@@ -152,7 +152,7 @@ def test_a_slow_server_times_out_instead_of_hanging(tok, tiny_dir):
 def test_a_mismatched_or_misconfigured_server_says_what_to_check(tok, tiny_dir):
     cases = [
         (healthy_routes(tiny_dir, vocab=999), r"serves .* vocabulary 999, .* but the policy is .*vocabulary 512.*: "
-                                              r"start the server with `vllm serve"),
+                                              r"start the server with `alignkit serve"),
         (healthy_routes(tiny_dir, logprobs_mode="raw_logprobs"), "restart it with --logprobs-mode processed_logprobs"),
         (healthy_routes(tiny_dir, generation_config="auto"), "restart it with --generation-config vllm"),
         ({**healthy_routes(tiny_dir), "/server_info?config_format=json": None},
