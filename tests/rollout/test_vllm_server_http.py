@@ -9,6 +9,9 @@ sample from two fakes in the last test.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from alignkit.config import ConfigError
 from alignkit.launch import free_port
@@ -405,5 +409,54 @@ def test_async_steps_send_the_next_rollout_before_the_update_and_never_reload_un
         # 2 prompts a step: steps 1-2 after the first sync, step 3 after step 1's update, step 4 after step 2's
         assert events == ["reload"] + ["rollout"] * 4 + ["reload"] + ["rollout"] * 2 + ["reload"] + ["rollout"] * 2
         assert len(loaded) == 3
+    finally:
+        fake.close()
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("distributed")
+def test_async_steps_on_two_processes_under_fsdp2(tmp_path, tiny_dir):
+    """GRPO async_steps 1 through a (fake) server on two FSDP2 processes: the weight push after each update
+    gathers the shards on every process (a collective outside the sampling thread), so the run neither hangs
+    nor sends shards, and both processes train one step ahead."""
+    import random
+
+    from alignkit.testing import _WORDS
+
+    rng = random.Random(0)
+
+    def completion(body):
+        tokens = [rng.randrange(10, 500) for _ in range(3)] + [2]
+        return {"choices": [{"index": j, "token_ids": tokens, "logprobs": {"token_logprobs": [-1.0] * 4}}
+                            for j in range(body["n"])]}
+
+    loaded = []
+    fake = FakeVLLM({**healthy_routes(tiny_dir, loaded=loaded), "/v1/completions": completion})
+    try:
+        (tmp_path / "prompts.jsonl").write_text("".join(
+            json.dumps({"prompt": " ".join(rng.choice(_WORDS) for _ in range(4))}) + "\n" for _ in range(16)))
+        (tmp_path / "length.py").write_text(
+            "def length(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
+        config = {"model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
+                  "data": {"train": ["prompts.jsonl"], "max_length": 32},
+                  "training": {"output_dir": "grpo", "max_steps": 3, "learning_rate": 1e-3, "per_device_batch_size": 4,
+                               "report_to": ["jsonl"], "mixed_precision": "no", "fsdp": "full_shard"},
+                  "grpo": {"generation": {"num_samples": 2, "max_new_tokens": 6, "sampler": "vllm_server",
+                                          "vllm_server_urls": [fake.url], "vllm_server_weight_sync": "files"},
+                           "reward": {"functions": ["length.py:length"]}, "rollout_batch_size": 2, "kl_coef": 0.0,
+                           "async_steps": 1}}
+        (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(config))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", "grpo", "grpo.yaml", "--num-processes",
+                               "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 1.0]
+        assert rows[-1]["episodes"] == 3 * 2 * 2 * 2  # steps x prompts x samples x processes
+        # the weights reached the server whole: every tensor of the model, at its full shape
+        from safetensors.torch import load_file
+
+        full = load_file(tmp_path / "grpo" / "model.safetensors")
+        assert loaded and all(set(w) >= set(full) and all(w[k].shape == full[k].shape for k in full) for w in loaded)
     finally:
         fake.close()
