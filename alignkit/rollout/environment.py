@@ -58,7 +58,8 @@ def parse_assistant_turn(tokenizer, text: str, tools: Sequence[dict] | None = No
     Tool calls are parsed by transformers' ``tokenizer.parse_response`` with the tokenizer's own
     ``response_template``, else :data:`HERMES_RESPONSE_TEMPLATE`; the text before the first call is the
     content. A call that cannot be parsed (bad JSON, no name, arguments not an object) gives a message with
-    ``tool_call_error`` and no ``tool_calls`` instead of an exception.
+    ``tool_call_error`` and no ``tool_calls`` instead of an exception. A JSON list of calls inside one
+    ``<tool_call>`` tag (the smol-tools prompt of SmolLM2) is several calls.
     """
     message: dict[str, Any] = {"role": "assistant", "content": text}
     schema = getattr(tokenizer, "response_template", None) or HERMES_RESPONSE_TEMPLATE
@@ -69,7 +70,11 @@ def parse_assistant_turn(tokenizer, text: str, tools: Sequence[dict] | None = No
     except Exception as e:  # transformers raises ValueError/KeyError for malformed regions
         message["tool_call_error"] = f"malformed tool call ({str(e).splitlines()[0]})"
         return message
-    calls = parsed.get("tool_calls") or []
+    calls = []
+    for call in parsed.get("tool_calls") or []:
+        inner = call.get("function") if isinstance(call, dict) else None
+        # smol-tools' prompt (SmolLM2) asks for a JSON list of calls inside one <tool_call> tag: several calls
+        calls.extend(inner if isinstance(inner, list) else [call])
     for call in calls:
         fn = call.get("function", call) if isinstance(call, dict) else None
         args = fn.get("arguments", {}) if isinstance(fn, dict) else None

@@ -193,6 +193,10 @@ def test_tool_calls_are_parsed_and_malformed_ones_answered_and_counted(tok):
     bad = parse_assistant_turn(tok, '<tool_call>{"name": add}</tool_call>', tools)
     assert "tool_calls" not in bad and bad["tool_call_error"].startswith("malformed tool call")
     assert parse_assistant_turn(tok, "just text", tools) == {"role": "assistant", "content": "just text"}
+    # a JSON list of calls in one tag (smol-tools' prompt for SmolLM2) is several calls
+    two = parse_assistant_turn(tok, '<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}, '
+                                    '{"name": "add", "arguments": {"a": 3, "b": 4}}]</tool_call>', tools)
+    assert [c["function"]["arguments"] for c in two["tool_calls"]] == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
 
     env = ToolEnvironment([add], reward=lambda row, msgs: float(msgs[-1]["content"] == "5"))
     env.reset({"prompt": "2+3?"})
