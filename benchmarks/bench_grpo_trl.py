@@ -55,6 +55,7 @@ REWARD = '''def length_reward(prompts, completions, **_):
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [len(t) % 97 / 97.0 for t in texts]
 '''
+CURVE_JSON = ROOT / "docs" / "img" / "grpo_memory_vs_length.json"
 GENERATION_CPU: list[float] = []  # CPU seconds of each generate call of this process
 CURVE_DEFAULTS = {"prompts": 1, "generations": 2, "micro_batch": 2, "steps": 1, "warmup": 0}
 
@@ -312,11 +313,14 @@ def main() -> None:
             sizes = dict(CURVE_DEFAULTS)
             args.steps, args.warmup, args.prompts = sizes["steps"], sizes["warmup"], sizes["prompts"]
             args.prompt_length = make_inputs(args, work)
-            curve: dict = {name: {} for name in RUNS}
-            for i, L in enumerate(lengths):  # the section and plot are rewritten after each length
+            # kept beside the plot, so lengths measured by separate invocations join one curve
+            curve = {name: {int(L): r for L, r in runs.items()} for name, runs in json.loads(
+                CURVE_JSON.read_text()).items()} if CURVE_JSON.exists() else {name: {} for name in RUNS}
+            for L in lengths:  # the section and plot are rewritten after each length
                 for name in RUNS:
                     curve[name][L] = run_child(name, args, work, L, sizes)
-                write_curve(args, lengths[:i + 1], curve)
+                CURVE_JSON.write_text(json.dumps(curve, indent=1))
+                write_curve(args, sorted(set(curve["alignkit"]) & set(curve["trl"])), curve)
             return
         if (args.prompts * args.generations) % args.micro_batch:
             ap.error("prompts x generations must be a multiple of --micro-batch")
@@ -402,13 +406,16 @@ def write_curve(args, lengths: list[int], curve: dict) -> None:
             f"{curve['alignkit'][L]['peak_mb'] / curve['trl'][L]['peak_mb']:.2f}x |" for L in lengths]
     lines = [_header("GRPO peak memory vs max completion length"), "",
              f"As above, but {s['prompts']} prompt x {s['generations']} samples, micro-batch {s['micro_batch']}, "
-             f"{s['steps']} step per run; completions of {args.min_new_tokens} and L new tokens.", "",
+             f"{s['steps']} step per run; completions of {args.min_new_tokens} and L new tokens. The floor "
+             "(about 2.7 GiB) is the weights, their gradients and AdamW's two states (allocated after the first "
+             "backward): below it a one-step run's activations do not show.", "",
              "![GRPO peak memory vs max completion length](img/grpo_memory_vs_length.png)", "",
              "| max completion length L | alignkit peak (MB) | TRL peak (MB) | alignkit vs TRL |",
              "| ---: | ---: | ---: | ---: |", *rows, ""]
     section = "\n".join(lines)
     print("\n" + section)
-    write_section(args.out, "grpo-trl-memory", f"python benchmarks/bench_grpo_trl.py --curve {args.curve}", section)
+    write_section(args.out, "grpo-trl-memory", "python benchmarks/bench_grpo_trl.py --curve "
+                  + ",".join(map(str, lengths)), section)
 
 
 if __name__ == "__main__":
