@@ -380,9 +380,7 @@ class VLLMSampler:
         ``seed``: reproducible sampling (one stream per prompt); None uses vLLM's generator.
         ``logps``: fill ``Rollout.sampler_logps`` with vLLM's log-prob of each sampled token."""
         prompts = check_prompts(prompts)
-        if self.llm is None:
-            raise AlignkitError("this vllm sampler was closed.")
-        eos_ids = self.ready(model)
+        eos_ids = self.ready(model)  # (a closed sampler says so there)
         seeds = None if seed is None else [request_seed(seed, i) for i in range(len(prompts))]
         responses, response_logps = self.sample(prompts, eos_ids, seeds=seeds, logps=logps)
         k = self.config.num_samples

@@ -132,8 +132,9 @@ def call(server: Server, path: str, payload: dict | None = None, *, timeout: flo
         died = ""
         if server.process is not None and server.process.poll() is not None:
             died = f"; it exited with code {server.process.returncode}: {server.root_cause()}"
-        raise ServerError(f"{server.where()} is not reachable for {doing} ({reason}){died}: check that `alignkit serve` "
-                          "(or vllm with the flags of docs/rollouts_and_rewards.md) runs there and the host and port in generation.vllm_server_urls.") from e
+        raise ServerError(f"{server.where()} is not reachable for {doing} ({reason}){died}: check that "
+                          "`alignkit serve` (or vllm with the flags of docs/rollouts_and_rewards.md) runs there and "
+                          "the host and port in generation.vllm_server_urls.") from e
     if not body.strip():
         return {}
     try:
