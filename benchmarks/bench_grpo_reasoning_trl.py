@@ -54,7 +54,7 @@ MAPPING = """| setting | alignkit (`grpo:` / `training:` of the pipeline file) |
 | steps | `training.max_steps` (rollouts) | `max_steps` (optimizer updates = generations here) |
 | loss aggregation | `loss_agg: seq-mean-token-mean` (default) | `loss_type="grpo"` |
 | advantages | `scale_rewards: group` (default): (r - group mean) / (group std + 1e-4) | `scale_rewards="group"` |
-| KL | `kl_coef` beta, `kl_penalty: loss`, `kl_estimator: k3` (defaults) | `beta`, k3 added to the per-token loss |
+| KL | `kl_coef` beta, `kl_penalty: loss`, `kl_estimator: k3`, `kl_ratio_weight: true` (defaults) | `beta`, k3 added to the per-token loss, `use_bias_correction_kl=True` (its default) |
 | clipping | `clip_eps: 0.2` (ratio is 1: one update per rollout) | `epsilon=0.2` |
 | sampling | `generation.temperature`, `top_p: 1`, `top_k: 0`, `max_new_tokens` | `temperature`, `top_p=1.0`, `top_k=0`, `max_completion_length` |
 | optimizer | AdamW, `learning_rate`, constant, no warm-up, `weight_decay`, `max_grad_norm` | `adamw_torch`, the same values |
@@ -135,7 +135,7 @@ def run_trl(work: Path) -> dict:
         gradient_accumulation_steps=n // t.per_device_batch_size, num_generations=g.generation.num_samples,
         num_iterations=g.ppo_epochs, max_completion_length=g.generation.max_new_tokens,
         temperature=g.generation.temperature, top_p=g.generation.top_p, top_k=g.generation.top_k,
-        beta=g.kl_coef, epsilon=g.clip_eps, loss_type={"seq-mean-token-mean": "grpo", "token-mean": "dapo",
+        beta=g.kl_coef, use_bias_correction_kl=g.kl_ratio_weight, epsilon=g.clip_eps, loss_type={"seq-mean-token-mean": "grpo", "token-mean": "dapo",
                                                        "seq-mean-token-sum-norm": "dr_grpo"}[g.loss_agg],
         scale_rewards=g.scale_rewards, learning_rate=t.learning_rate, lr_scheduler_type="constant",
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,

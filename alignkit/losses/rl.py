@@ -121,6 +121,33 @@ def kl_estimate(
     return kl
 
 
+def kl_loss_tokens(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    kind: KLKind = "k3",
+    clamp: float | None = None,
+    ratio_weight: bool = True,
+) -> torch.Tensor:
+    """Per-token KL penalty for the loss (``kl_penalty: loss``), differentiable through ``logp``.
+
+    ``ratio_weight=False``: ``k(logp, ref_logp)`` (:func:`kl_estimate`), the GRPO paper's term. Its value
+    estimates ``KL(pi || ref)``, but its gradient does not: for k3 it is ``(1 - ref/pi) grad log pi``, bounded
+    by 1 where the policy has raised a token far above the reference.
+
+    ``ratio_weight=True`` (DeepSeek-V3.2, 2025; TRL's ``use_bias_correction_kl``): the estimate times the
+    importance ratio ``rho = exp(logp - old_logp)``, ``old_logp`` the behaviour policy's (no gradient).
+    On-policy ``rho`` is 1 in value but not in gradient, and for k3
+    ``grad (rho k3) = (1 - r + k3) grad log pi = (log pi - log ref) grad log pi`` (``r = ref / pi``):
+    the score-function gradient of ``KL(pi || ref)``, growing with the log ratio. Returns ``[B, T]``;
+    apply the mask downstream.
+    """
+    kl = kl_estimate(logp, ref_logp, kind, clamp=clamp)
+    if ratio_weight:
+        kl = kl * torch.exp(logp - old_logp.detach())
+    return kl
+
+
 def _last_token_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the last set position of each row of ``mask`` ``[B, T]``, and whether the row has any."""
     mask_b = mask != 0

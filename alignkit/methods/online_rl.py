@@ -31,7 +31,7 @@ checkpoint names count), on each process:
 5. **updates**: ``ppo_epochs`` passes over the rollout in shuffled minibatches of ``per_device_batch_size x
    gradient_accumulation_steps`` rows, one optimizer update each: the ``policy_loss`` (PPO's clipped
    surrogate with ``clip_eps``, ``clip_eps_high``; GSPO; CISPO: :mod:`alignkit.losses.policy`) [+ ``kl_coef``
-   * KL when ``kl_penalty: loss``] - ``entropy_coef`` * entropy, aggregated by ``loss_agg``, [+ ``vf_coef`` *
+   * KL when ``kl_penalty: loss``, times pi/pi_old when ``kl_ratio_weight``] - ``entropy_coef`` * entropy, aggregated by ``loss_agg``, [+ ``vf_coef`` *
    clipped value loss for PPO]. With one update per rollout the ratio is 1
    and this is REINFORCE with the method's baseline;
 6. **log and checkpoint**: the adaptive KL controller (``kl_target``) moves ``kl_coef``; metrics, samples,
@@ -74,6 +74,7 @@ from alignkit.losses.rl import (
     gae,
     grpo_advantages,
     kl_estimate,
+    kl_loss_tokens,
     loss_items,
     masked_whiten,
     per_token_rewards,
@@ -143,6 +144,10 @@ class OnlineRLConfig:
                                   "kl_penalty reward), k2 = 0.5 (log ratio)^2, k3 = ratio - 1 - log ratio "
                                   "(unbiased, >= 0, for kl_penalty loss).")
     kl_clamp: float | None = opt(None, "Clamp each per-token KL estimate to [-kl_clamp, kl_clamp] (None: no clamp).")
+    kl_ratio_weight: bool = opt(True, "kl_penalty loss: multiply each token's KL term by pi/pi_old (1 in value, "
+                                      "not in gradient), so that its gradient is the true gradient of KL(pi || "
+                                      "ref) (DeepSeek-V3.2; TRL's use_bias_correction_kl). false: the GRPO "
+                                      "paper's plain k3 term, whose pull back to the reference is capped.")
     kl_target: float | None = opt(None, "Adaptive KL (Ziegler et al. 2019): the KL per sequence to aim for; None = "
                                         "fixed kl_coef.")
     kl_horizon: float = opt(10000.0, "Adaptive KL: sequences over which kl_coef moves by up to 20% towards the target.")
@@ -440,7 +445,7 @@ def policy_terms(out: ResponseOutput, old_logps: torch.Tensor, adv: torch.Tensor
                  args: OnlineRLConfig, *, kl_coef: float, ref_logps: torch.Tensor | None) -> PolicyTerms:
     """The policy side of the loss on one micro-batch, as a sum over ``loss_agg`` items.
 
-    ``L = policy_loss (ppo_clip / gspo / cispo) + [kl_penalty == loss] kl_coef * KL_est(pi || ref)
+    ``L = policy_loss (ppo_clip / gspo / cispo) + [kl_penalty == loss] kl_coef * KL_est(pi || ref) [* pi/pi_old]
     - entropy_coef * H``, each aggregated with ``loss_agg`` (Dr. GRPO's constant is ``max_new_tokens``).
     """
     items = loss_items(mask, args.loss_agg)
@@ -462,7 +467,8 @@ def policy_terms(out: ResponseOutput, old_logps: torch.Tensor, adv: torch.Tensor
              "approx_kl": (float(st["approx_kl"]) * n_tokens, n_tokens),
              "ratio": (float(st["ratio_mean"]) * n_tokens, n_tokens)}
     if args.kl_penalty == "loss" and ref_logps is not None:
-        kl_tok = kl_estimate(out.logps, ref_logps, args.kl_estimator, clamp=args.kl_clamp)
+        kl_tok = kl_loss_tokens(out.logps, ref_logps, old_logps, args.kl_estimator, clamp=args.kl_clamp,
+                                ratio_weight=args.kl_ratio_weight)
         kl_loss = aggregate_loss(kl_tok, mask, args.loss_agg, max_length)
         loss = loss + kl_coef * kl_loss
         stats["loss/kl"] = (float(kl_loss.detach()) * float(items), float(items))

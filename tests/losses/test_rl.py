@@ -15,6 +15,7 @@ from alignkit.losses.rl import (
     gae,
     grpo_advantages,
     kl_estimate,
+    kl_loss_tokens,
     loss_items,
     masked_mean,
     masked_var,
@@ -107,6 +108,43 @@ def test_k1_and_k3_are_unbiased_and_k2_is_not():
 def test_kl_estimate_rejects_unknown_kind():
     with pytest.raises(ValueError, match="k1"):
         kl_estimate(t([0.0]), t([0.0]), "k4")
+
+
+def test_kl_loss_tokens_values_and_gradients_on_known_values():
+    # One token, pi = 0.5, ref = 0.25, sampled by pi (old = pi): log r = log(ref / pi) = -log 2.
+    def grads(ratio_weight):
+        logp = t([math.log(0.5)]).requires_grad_()
+        kl = kl_loss_tokens(logp, t([math.log(0.25)]), logp.detach(), "k3", ratio_weight=ratio_weight)
+        kl.sum().backward()
+        return kl.detach(), logp.grad
+
+    plain, g_plain = grads(False)
+    weighted, g_weighted = grads(True)
+    close(plain, [math.log(2) - 0.5])  # k3 = r - 1 - log r
+    close(weighted, [math.log(2) - 0.5])  # the ratio is 1 on-policy: the same value
+    close(g_plain, [1 - 0.5])  # d k3 / d log pi = 1 - r
+    close(g_weighted, [math.log(2)])  # (1 - r) + k3 = log pi - log ref
+    # Off-policy (pi / old = 2): the value is weighted by the ratio as well.
+    logp = t([math.log(0.5)]).requires_grad_()
+    off = kl_loss_tokens(logp, t([math.log(0.25)]), t([math.log(0.25)]), "k3")
+    close(off.detach(), [2 * (math.log(2) - 0.5)])
+
+
+def test_ratio_weighted_kl_gradient_is_the_true_kl_gradient():
+    # pi = softmax(theta) over 3 tokens: sum_v pi(v) grad[rho k3](v) is the exact gradient of KL(pi || ref);
+    # the plain k3 term's expected gradient is not.
+    ref = t([0.25, 0.5, 0.25])
+    theta = t([0.3, -0.2, 0.1]).requires_grad_()
+    true_grad = torch.autograd.grad((theta.softmax(0) * (theta.log_softmax(0) - ref.log())).sum(), theta)[0]
+
+    def expected_grad(ratio_weight):
+        logp = theta.log_softmax(0)
+        kl = kl_loss_tokens(logp, ref.log(), logp.detach(), "k3", ratio_weight=ratio_weight)
+        weights = theta.softmax(0).detach()  # E over tokens sampled from pi: no gradient through the sampling
+        return torch.autograd.grad((weights * kl).sum(), theta)[0]
+
+    close(expected_grad(True), true_grad, tol=1e-12)
+    assert (expected_grad(False) - true_grad).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------------
