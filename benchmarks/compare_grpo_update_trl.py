@@ -8,11 +8,10 @@ recorded step by step. TRL 1.16's GRPOTrainer then trains the same base model wi
 generation replaced (through its own ``rollout_func`` hook) by the responses alignkit sampled at that step
 for that prompt. Both compute the rewards themselves, with the same verifier.
 
-Printed: per step, the KL to the reference and the gradient norm each framework logged; at the end, the
-difference between the two trained models relative to how far each moved from the base model, and the KL of
-each trained model to the base model on all recorded rollouts (per token over all tokens, and per sequence).
-When the updates are the same, the relative difference is small (float32 round-off grows with each step) and
-the two KLs agree::
+Written to docs/benchmarks.md: per step, the reward, the KL to the reference and the gradient norm each
+framework logged; at the end, the distance between the two trained models relative to how far they moved from
+the base model, beside a control: TRL against itself with another micro-batch size (the same update summed in
+another order, so float32 round-off only). When the updates are the same, both distances are tiny::
 
     OMP_NUM_THREADS=1 python benchmarks/compare_grpo_update_trl.py [--steps 8] [--prompts 4]
 """
@@ -21,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import bench_grpo_reasoning_trl as side_by_side  # noqa: E402  (its settings and TRL mapping are reused)
+from common import write_section  # noqa: E402
 
 
 def recording_build_sampler(real_build, record: list):
@@ -144,34 +146,16 @@ def run_trl(work: Path, steps: int, data: str, record: list[dict], micro: int | 
     return [x for x in trainer.state.log_history if "reward" in x], work / f"{name}_model"
 
 
-@torch.no_grad()
-def kl_to_base(model_dir: Path, base, record: list[dict], temperature: float) -> tuple[float, float]:
-    """k3 KL of a trained model to the base model on every recorded (prompt, response), at the sampling
-    temperature: (mean over all response tokens, mean over sequences of the per-token mean)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    total, tokens, per_seq = 0.0, 0, []
-    for step in record:
-        for key, responses in step.items():
-            prompt = json.loads(key)
-            for r in responses:
-                ids = torch.tensor([prompt + r])
-                lp = [torch.log_softmax(m(ids).logits[0, len(prompt) - 1:-1].float() / temperature, -1)
-                      .gather(-1, ids[0, len(prompt):, None])[:, 0] for m in (model, base)]
-                d = lp[1] - lp[0]
-                k3 = d.exp() - d - 1
-                total, tokens = total + float(k3.sum()), tokens + len(r)
-                per_seq.append(float(k3.mean()))
-    return total / tokens, sum(per_seq) / len(per_seq)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=4, help="training prompts (= the example's prompts per step)")
     ap.add_argument("--keep", default=None, help="keep both trained models in this folder")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of the example's pipeline file (grpo.grpo.kl_ratio_weight=false)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
+    side_by_side.OVERRIDES[:] = args.overrides
     from transformers import AutoModelForCausalLM
 
     from alignkit.assets import resolve_model
@@ -191,11 +175,6 @@ def main() -> None:
         _, control_dir = run_trl(work, args.steps, data, record, micro=micro, name="trl_control")
         path = resolve_model(cfg.model.name_or_path) or cfg.model.name_or_path
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        print("\nstep | reward alignkit / TRL | KL logged alignkit (per seq) / TRL (per token) | grad norm alignkit / TRL")
-        for i, (a, b) in enumerate(zip(ak_log, trl_log), 1):
-            print(f"{i:4d} | {a['reward']:.3f} / {b['reward']:.3f} | {a.get('loss/kl', float('nan')):.4f} / "
-                  f"{b.get('kl', float('nan')):.4f} | {a.get('grad_norm', float('nan')):.4f} / "
-                  f"{b.get('grad_norm', float('nan')):.4f}")
         weights = {name: AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).state_dict()
                    for name, d in (("alignkit", ak_dir), ("trl", trl_dir), ("control", control_dir))}
         base_sd = base.state_dict()
@@ -204,17 +183,34 @@ def main() -> None:
             return sum(float((a[k] - b[k]).pow(2).sum()) for k in base_sd) ** 0.5
 
         moved = {name: distance(sd, base_sd) for name, sd in weights.items()}
-        print(f"\nweights moved from the base model (L2): alignkit {moved['alignkit']:.4e}, TRL {moved['trl']:.4e}")
-        for a, b, what in (("alignkit", "trl", "alignkit vs TRL"),
-                           ("trl", "control", f"TRL vs TRL with micro-batches of {micro} (round-off only)")):
-            d = distance(weights[a], weights[b])
-            print(f"{what}: {d:.4e} apart ({d / moved['trl']:.2%} of TRL's move)")
-        temp = cfg.method_args.generation.temperature
-        for name, d in (("alignkit", ak_dir), ("trl", trl_dir)):
-            tok_kl, seq_kl = kl_to_base(d, base, record, temp)
-            print(f"{name}: k3 KL to the base model on the recorded rollouts (sampled by earlier policies): "
-                  f"{tok_kl:.4f} per token, {seq_kl:.4f} per sequence's token mean")
+        apart, control = distance(weights["alignkit"], weights["trl"]), distance(weights["trl"], weights["control"])
+        t, g = cfg.training, cfg.method_args
+        section = "\n".join([
+            f"### GRPO update: alignkit vs TRL on the same rollouts ({time.strftime('%Y-%m-%d')}, CPU, torch "
+            f"{torch.__version__}, TRL {trl_version()}, Python {platform.python_version()})", "",
+            f"Model `{cfg.model.name_or_path}`, fp32; the reasoning example's settings ({g.rollout_batch_size} prompts x "
+            f"{g.generation.num_samples} samples, learning rate {t.learning_rate:g}, beta {g.kl_coef:g}, k3, "
+            f"`kl_ratio_weight: {str(g.kl_ratio_weight).lower()}` = TRL's `use_bias_correction_kl`, temperature "
+            f"{g.generation.temperature:g}), {args.steps} steps on a training set of {args.prompts} prompts. alignkit "
+            "samples; TRL replays alignkit's responses of each step through its `rollout_func`.", "",
+            "| step | reward | KL, alignkit `loss/kl` (sequence mean) | KL, TRL `kl` (token mean) | grad norm alignkit | "
+            "grad norm TRL |", "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            *[f"| {i} | {a['reward']:.3f} | {a.get('loss/kl', float('nan')):.4f} | {b.get('kl', float('nan')):.4f} | "
+              f"{a.get('grad_norm', float('nan')):.4f} | {b.get('grad_norm', float('nan')):.4f} |"
+              for i, (a, b) in enumerate(zip(ak_log, trl_log), 1)], "",
+            f"Weights moved from the base model (L2): alignkit {moved['alignkit']:.4e}, TRL {moved['trl']:.4e}. "
+            f"alignkit vs TRL: {apart:.3e} apart ({apart / moved['trl']:.2%} of TRL's move); TRL vs TRL with "
+            f"micro-batches of {micro} (float32 round-off only): {control:.3e} ({control / moved['trl']:.3%})."])
+        print("\n" + section)
+        command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/compare_grpo_update_trl.py", f"--steps {args.steps}",
+                            *(f"--set {o}" for o in args.overrides)])
+        write_section(args.out, "grpo-update-trl", command, section)
 
+
+def trl_version() -> str:
+    import trl
+
+    return trl.__version__
 
 if __name__ == "__main__":
     main()
