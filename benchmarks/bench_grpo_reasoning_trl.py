@@ -20,10 +20,12 @@ points between the two after-training accuracies is within noise.
 
 Each side is its own subprocess. Throughput: completions per second over the steps after the first (the
 first step carries start-up costs), measured under whatever load the machine has; both sides run in one
-invocation, one after the other, so their ratio is fair when the load stays steady. The defaults are the
-measurement:
+invocation, one after the other, so their ratio is fair when the load stays steady. The command of the
+measurement in docs/benchmarks.md is written above it (``--set`` items for a shorter run than the example's):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_grpo_reasoning_trl.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_grpo_reasoning_trl.py [--set grpo.training.max_steps=8 ...]
+
+Whether the two updates are the same is checked separately, on shared rollouts: compare_grpo_update_trl.py.
 """
 
 from __future__ import annotations
