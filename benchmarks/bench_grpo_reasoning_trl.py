@@ -56,7 +56,7 @@ MAPPING = """| setting | alignkit (`grpo:` / `training:` of the pipeline file) |
 | steps | `training.max_steps` (rollouts) | `max_steps` (optimizer updates = generations here) |
 | loss aggregation | `loss_agg: seq-mean-token-mean` (default) | `loss_type="grpo"` |
 | advantages | `scale_rewards: group` (default): (r - group mean) / (group std + 1e-4) | `scale_rewards="group"` |
-| KL | `kl_coef` beta, `kl_penalty: loss`, `kl_estimator: k3`, `kl_ratio_weight: true` (defaults) | `beta`, k3 added to the per-token loss, `use_bias_correction_kl=True` (its default) |
+| KL | `kl_coef` beta, `kl_penalty: loss`, `kl_estimator: k3`, `kl_ratio_weight: true` (the others defaults) | `beta`, k3 added to the per-token loss, `use_bias_correction_kl=True` (its default) |
 | clipping | `clip_eps: 0.2` (ratio is 1: one update per rollout) | `epsilon=0.2` |
 | sampling | `generation.temperature`, `top_p: 1`, `top_k: 0`, `max_new_tokens` | `temperature`, `top_p=1.0`, `top_k=0`, `max_completion_length` |
 | optimizer | AdamW, `learning_rate`, constant, no warm-up, `weight_decay`, `max_grad_norm` | `adamw_torch`, the same values |

@@ -127,7 +127,7 @@ def kl_loss_tokens(
     old_logp: torch.Tensor,
     kind: KLKind = "k3",
     clamp: float | None = None,
-    ratio_weight: bool = True,
+    ratio_weight: bool = False,
 ) -> torch.Tensor:
     """Per-token KL penalty for the loss (``kl_penalty: loss``), differentiable through ``logp``.
 

@@ -144,10 +144,11 @@ class OnlineRLConfig:
                                   "kl_penalty reward), k2 = 0.5 (log ratio)^2, k3 = ratio - 1 - log ratio "
                                   "(unbiased, >= 0, for kl_penalty loss).")
     kl_clamp: float | None = opt(None, "Clamp each per-token KL estimate to [-kl_clamp, kl_clamp] (None: no clamp).")
-    kl_ratio_weight: bool = opt(True, "kl_penalty loss: multiply each token's KL term by pi/pi_old (1 in value, "
-                                      "not in gradient), so that its gradient is the true gradient of KL(pi || "
-                                      "ref) (DeepSeek-V3.2; TRL's use_bias_correction_kl). false: the GRPO "
-                                      "paper's plain k3 term, whose pull back to the reference is capped.")
+    kl_ratio_weight: bool = opt(False, "kl_penalty loss: multiply each token's KL term by pi/pi_old (1 in value, "
+                                       "not in gradient), so that its gradient is the true gradient of KL(pi || "
+                                       "ref) (DeepSeek-V3.2; TRL 1.16's use_bias_correction_kl, on by default "
+                                       "there). false: the GRPO paper's plain k3 term, whose pull back to the "
+                                       "reference is capped.")
     kl_target: float | None = opt(None, "Adaptive KL (Ziegler et al. 2019): the KL per sequence to aim for; None = "
                                         "fixed kl_coef.")
     kl_horizon: float = opt(10000.0, "Adaptive KL: sequences over which kl_coef moves by up to 20% towards the target.")

@@ -126,7 +126,7 @@ def test_kl_loss_tokens_values_and_gradients_on_known_values():
     close(g_weighted, [math.log(2)])  # (1 - r) + k3 = log pi - log ref
     # Off-policy (pi / old = 2): the value is weighted by the ratio as well.
     logp = t([math.log(0.5)]).requires_grad_()
-    off = kl_loss_tokens(logp, t([math.log(0.25)]), t([math.log(0.25)]), "k3")
+    off = kl_loss_tokens(logp, t([math.log(0.25)]), t([math.log(0.25)]), "k3", ratio_weight=True)
     close(off.detach(), [2 * (math.log(2) - 0.5)])
 
 
