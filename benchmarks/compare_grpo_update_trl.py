@@ -13,7 +13,7 @@ framework logged; at the end, the distance between the two trained models relati
 the base model, beside a control: TRL against itself with another micro-batch size (the same update summed in
 another order, so float32 round-off only). When the updates are the same, both distances are tiny::
 
-    OMP_NUM_THREADS=1 python benchmarks/compare_grpo_update_trl.py [--steps 8] [--prompts 4]
+    OMP_NUM_THREADS=1 python benchmarks/compare_grpo_update_trl.py [--steps 8] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def run_trl(work: Path, steps: int, data: str, record: list[dict], micro: int | 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--prompts", type=int, default=4, help="training prompts (= the example's prompts per step)")
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="training prompts (default and only choice: the example's prompts per step)")
     ap.add_argument("--keep", default=None, help="keep both trained models in this folder")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of the example's pipeline file (grpo.grpo.kl_ratio_weight=false)")
@@ -161,6 +162,7 @@ def main() -> None:
     from alignkit.assets import resolve_model
 
     cfg = side_by_side.example_settings()["cfg"]
+    args.prompts = args.prompts or cfg.method_args.rollout_batch_size
     if args.prompts != cfg.method_args.rollout_batch_size:
         raise SystemExit(f"--prompts must be the example's rollout_batch_size ({cfg.method_args.rollout_batch_size})")
     import re
