@@ -3,7 +3,7 @@
 The side-by-side run of ``bench_grpo_reasoning_trl.py`` cannot say whether a difference between the two runs
 comes from the update or from the samples: each framework samples its own. Here the samples are shared.
 alignkit runs the reasoning example's GRPO stage (settings read from ``examples/reasoning/pipeline.yaml``) on
-a training set of ``--prompts`` prompts, so that every step draws all of them; its sampler's responses are
+a training set of as many prompts as it draws per step, so that every step draws all of them; its sampler's responses are
 recorded step by step. TRL 1.16's GRPOTrainer then trains the same base model with the same settings, its
 generation replaced (through its own ``rollout_func`` hook) by the responses alignkit sampled at that step
 for that prompt. Both compute the rewards themselves, with the same verifier.
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -67,7 +69,6 @@ def run_alignkit(work: Path, steps: int, data: str) -> tuple[list[dict], list[di
     cfg = side_by_side.example_settings()["cfg"]
     cfg.data.train = [DataSource(path=data)]
     cfg.training.max_steps = steps
-    cfg.training.save_steps = 0
     cfg.training.output_dir = str(work / "alignkit")
     record: list[dict] = []
     real = online_rl.build_sampler
@@ -149,8 +150,6 @@ def run_trl(work: Path, steps: int, data: str, record: list[dict], micro: int | 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--prompts", type=int, default=None,
-                    help="training prompts (default and only choice: the example's prompts per step)")
     ap.add_argument("--keep", default=None, help="keep both trained models in this folder")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of the example's pipeline file (grpo.grpo.kl_ratio_weight=false)")
@@ -162,13 +161,9 @@ def main() -> None:
     from alignkit.assets import resolve_model
 
     cfg = side_by_side.example_settings()["cfg"]
-    args.prompts = args.prompts or cfg.method_args.rollout_batch_size
-    if args.prompts != cfg.method_args.rollout_batch_size:
-        raise SystemExit(f"--prompts must be the example's rollout_batch_size ({cfg.method_args.rollout_batch_size})")
-    import re
-
-    data = re.sub(r"size=\d+", f"size={args.prompts}", cfg.data.train[0].path)
-    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
+    n_prompts = cfg.method_args.rollout_batch_size  # a training set of one step's prompts: every step draws all
+    data = re.sub(r"size=\d+", f"size={n_prompts}", cfg.data.train[0].path)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         record, ak_log, ak_dir = run_alignkit(work, args.steps, data)
@@ -193,7 +188,7 @@ def main() -> None:
             f"Model `{cfg.model.name_or_path}`, fp32; the reasoning example's settings ({g.rollout_batch_size} prompts x "
             f"{g.generation.num_samples} samples, learning rate {t.learning_rate:g}, beta {g.kl_coef:g}, k3, "
             f"`kl_ratio_weight: {str(g.kl_ratio_weight).lower()}` = TRL's `use_bias_correction_kl`, temperature "
-            f"{g.generation.temperature:g}), {args.steps} steps on a training set of {args.prompts} prompts. alignkit "
+            f"{g.generation.temperature:g}), {args.steps} steps on a training set of {n_prompts} prompts. alignkit "
             "samples; TRL replays alignkit's responses of each step through its `rollout_func`.", "",
             "| step | reward | KL, alignkit `loss/kl` (sequence mean) | KL, TRL `kl` (token mean) | grad norm alignkit | "
             "grad norm TRL |", "| ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -31,8 +31,8 @@ checkpoint names count), on each process:
 5. **updates**: ``ppo_epochs`` passes over the rollout in shuffled minibatches of ``per_device_batch_size x
    gradient_accumulation_steps`` rows, one optimizer update each: the ``policy_loss`` (PPO's clipped
    surrogate with ``clip_eps``, ``clip_eps_high``; GSPO; CISPO: :mod:`alignkit.losses.policy`) [+ ``kl_coef``
-   * KL when ``kl_penalty: loss``, times pi/pi_old when ``kl_ratio_weight``] - ``entropy_coef`` * entropy, aggregated by ``loss_agg``, [+ ``vf_coef`` *
-   clipped value loss for PPO]. With one update per rollout the ratio is 1
+   * KL when ``kl_penalty: loss``, times pi/pi_old when ``kl_ratio_weight``] - ``entropy_coef`` * entropy,
+   aggregated by ``loss_agg``, [+ ``vf_coef`` * clipped value loss for PPO]. With one update per rollout the ratio is 1
    and this is REINFORCE with the method's baseline;
 6. **log and checkpoint**: the adaptive KL controller (``kl_target``) moves ``kl_coef``; metrics, samples,
    checkpoints (exact resume: policy, critic, optimizer, scheduler, KL controller, reward statistics, RNG).
@@ -446,8 +446,8 @@ def policy_terms(out: ResponseOutput, old_logps: torch.Tensor, adv: torch.Tensor
                  args: OnlineRLConfig, *, kl_coef: float, ref_logps: torch.Tensor | None) -> PolicyTerms:
     """The policy side of the loss on one micro-batch, as a sum over ``loss_agg`` items.
 
-    ``L = policy_loss (ppo_clip / gspo / cispo) + [kl_penalty == loss] kl_coef * KL_est(pi || ref) [* pi/pi_old]
-    - entropy_coef * H``, each aggregated with ``loss_agg`` (Dr. GRPO's constant is ``max_new_tokens``).
+    ``L = policy_loss (ppo_clip / gspo / cispo) + [kl_penalty == loss] kl_coef * KL_est(pi || ref)
+    [* pi/pi_old when kl_ratio_weight] - entropy_coef * H``, each aggregated with ``loss_agg`` (Dr. GRPO's constant is ``max_new_tokens``).
     """
     items = loss_items(mask, args.loss_agg)
     n_tokens = float(mask.sum())

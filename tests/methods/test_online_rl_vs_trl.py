@@ -20,14 +20,6 @@ STEPS, GROUP, LR, BETA, TEMPERATURE = 3, 4, 3e-3, 0.2, 1.0
 PROMPTS = ["apple river stone cloud", "green house under the light"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def recording(real_build, record: list):
     """``build_sampler`` whose sampler keeps each rollout as [(prompt ids, [response ids] * GROUP)] per prompt."""
 
